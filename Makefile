@@ -1,0 +1,40 @@
+# One entry point for development. `make test` and `make demo` work from a clean clone on Debian 12:
+# they create the virtual environment they need (scripts/bootstrap installs python3-venv when missing).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: dev test demo lint fmt bench clean help
+
+help:
+	@echo "make dev    create .venv with kmagent, the emulator and the test tools"
+	@echo "make test   run the test suite"
+	@echo "make demo   run the demo: a local emulated cluster healing itself"
+	@echo "make lint   ruff and mypy"
+	@echo "make clean  remove .venv and build outputs"
+
+$(STAMP): pyproject.toml emulator/pyproject.toml scripts/bootstrap
+	PYTHON=$(PYTHON) scripts/bootstrap $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test,lint]' -e ./emulator
+	touch $(STAMP)
+
+dev: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/pytest
+
+demo: $(STAMP)
+	$(BIN)/python -m emulator.lab.demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+fmt: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,5 @@
+"""`python -m emulator` is the `minkms` command."""
+
+from emulator.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,458 @@
+"""A local emulated minkms cluster: one node per loopback address, real TLS, every process supervised.
+
+All state lives under one lab directory; nothing needs root. Used by the tests, the demo, the benchmarks
+and by operators who want to try a runbook safely.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from emulator import wire
+from emulator.client import Client, CLIError
+from emulator.hsm import SoftHSM
+from emulator.lab import pki, supervisor
+
+PORT = 7373
+FAULTS = ("disk-loss", "corrupt", "kill", "stop", "start")
+
+
+class LabError(Exception):
+    """A lab operation that cannot be done; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class LabNode:
+    name: str
+    ip: str
+    dir: str
+
+    @property
+    def host(self) -> str:
+        return f"{self.ip}:{PORT}"
+
+    @property
+    def endpoint(self) -> str:
+        return f"https://{self.host}"
+
+    @property
+    def data(self) -> Path:
+        return Path(self.dir) / "data"
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    """Poll `condition` until it returns a truthy value; LabError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while True:
+        try:
+            value = condition()
+            if value:
+                return value
+        except (CLIError, OSError, supervisor.SupervisorError, LabError) as exc:
+            last_error = exc
+        if time.monotonic() >= deadline:
+            detail = f" (last error: {last_error})" if last_error else ""
+            raise LabError(f"timed out after {timeout:.0f}s waiting for {what}{detail}")
+        time.sleep(interval)
+
+
+def _free_subnet() -> str:
+    """A random 127.A.B.0/24 whose port 7373 is free on the first addresses (parallel labs never clash)."""
+    for _ in range(200):
+        prefix = f"127.{random.randint(1, 254)}.{random.randint(1, 254)}"
+        try:
+            for i in range(1, 4):
+                with socket.socket() as sock:
+                    sock.bind((f"{prefix}.{i}", PORT))
+        except OSError:
+            continue
+        return prefix
+    raise LabError("no free loopback subnet found for the lab")
+
+
+class Lab:
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory.resolve()
+
+    # ---- files -------------------------------------------------------------------------------------
+    @property
+    def meta_path(self) -> Path:
+        return self.dir / "lab.json"
+
+    @property
+    def sock(self) -> Path:
+        return self.dir / "supervisor.sock"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.dir / "supervisor.pid"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.dir / "ca" / "ca.crt"
+
+    def exists(self) -> bool:
+        return self.meta_path.exists()
+
+    def meta(self) -> dict[str, Any]:
+        try:
+            data: dict[str, Any] = json.loads(self.meta_path.read_text())
+            return data
+        except FileNotFoundError as exc:
+            raise LabError(f"no lab in {self.dir}: run 'kmlab up --dir {self.dir}' first") from exc
+        except ValueError as exc:
+            raise LabError(f"{self.meta_path} is damaged: {exc}") from exc
+
+    def nodes(self) -> list[LabNode]:
+        return [LabNode(**n) for n in self.meta()["nodes"]]
+
+    def node(self, name: str) -> LabNode:
+        for node in self.nodes():
+            if node.name == name or node.host == name or node.ip == name:
+                return node
+        names = ", ".join(n.name for n in self.nodes())
+        raise LabError(f"no node {name!r} in this lab (nodes: {names})")
+
+    def api_key(self) -> str:
+        return (self.dir / "api.key").read_text().strip()
+
+    def hsm_key(self) -> str:
+        return (self.dir / "hsm.key").read_text().strip()
+
+    def env(self, node: LabNode | None = None) -> dict[str, str]:
+        """Environment for the `minkms` CLI against this lab (documented variables only, plus the CA)."""
+        servers = [node] if node else self.nodes()
+        return {
+            "MINIO_KMS_SERVER": ",".join(n.endpoint for n in servers),
+            "MINIO_KMS_API_KEY": self.api_key(),
+            "MINIO_KMS_TLS_CA": str(self.ca_cert),
+        }
+
+    def client(self) -> Client:
+        os.environ.setdefault("MINIO_KMS_TLS_CA", str(self.ca_cert))
+        client = Client(self.api_key())
+        client.ctx.load_verify_locations(cafile=str(self.ca_cert))
+        return client
+
+    def minkms(
+        self, *args: str, node: LabNode | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the emulated `minkms` CLI as an operator would."""
+        env = {**os.environ, **self.env(node)}
+        proc = subprocess.run(
+            [sys.executable, "-m", "emulator", *args], env=env, capture_output=True, text=True, timeout=120
+        )
+        if check and proc.returncode != 0:
+            raise LabError(f"minkms {' '.join(args)} failed: {proc.stderr.strip()}")
+        return proc
+
+    # ---- life cycle ---------------------------------------------------------------------------------
+    def create(self, n_nodes: int, heartbeat: str = "250ms", restart_sec: float = 0.5) -> None:
+        if n_nodes < 1 or n_nodes > 50:
+            raise LabError("--nodes must be between 1 and 50")
+        if self.exists():
+            raise LabError(
+                f"a lab already exists in {self.dir}; run 'kmlab down --dir {self.dir} --purge' first"
+            )
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o700)
+        prefix = _free_subnet()
+        hsm = SoftHSM.generate()
+        _write_secret(self.dir / "hsm.key", str(hsm) + "\n")
+        _write_secret(self.dir / "api.key", hsm.root_api_key() + "\n")
+        pki.create_ca(self.dir / "ca")
+        nodes: list[LabNode] = []
+        for i in range(1, n_nodes + 1):
+            node = LabNode(name=f"node{i}", ip=f"{prefix}.{i}", dir=str(self.dir / "nodes" / f"node{i}"))
+            base = Path(node.dir)
+            node.data.mkdir(parents=True, exist_ok=True)
+            cert, key = pki.issue(self.dir / "ca", base / "certs", node.name, ips=[node.ip], dns=[node.name])
+            config = {
+                "version": "v1",
+                "tls": {"certs": [{"key": str(key), "cert": str(cert)}], "ca": str(self.ca_cert)},
+                "heartbeat": heartbeat,
+            }
+            (base / "config.yaml").write_text(json.dumps(config, indent=2) + "\n")  # JSON is YAML
+            nodes.append(node)
+        meta = {
+            "version": 1,
+            "created": time.time(),
+            "subnet": prefix,
+            "restart_sec": restart_sec,
+            "nodes": [asdict(n) for n in nodes],
+        }
+        self.meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+
+    def program(self, node: LabNode) -> dict[str, Any]:
+        base = Path(node.dir)
+        return {
+            "argv": [
+                sys.executable,
+                "-m",
+                "emulator",
+                "server",
+                str(node.data),
+                "--address",
+                node.host,
+                "--host",
+                node.host,
+                "--config",
+                str(base / "config.yaml"),
+            ],
+            "env": {"MINIO_KMS_HSM_KEY": self.hsm_key(), "PYTHONPATH": _source_root()},
+            "cwd": str(base),
+            "log": str(base / "minkms.log"),
+            "restart": "always",
+            "restart_sec": float(self.meta().get("restart_sec", 0.5)),
+            "preflight": None,
+        }
+
+    def running(self) -> bool:
+        try:
+            supervisor.request(self.sock, {"op": "status"}, timeout=5)
+            return True
+        except supervisor.SupervisorError:
+            return False
+
+    def start_supervisor(self) -> None:
+        if self.running():
+            return
+        spec = self.dir / "supervisor.json"
+        programs = {n.name: self.program(n) for n in self.nodes()}
+        _write_secret(spec, json.dumps({"programs": programs}, indent=2) + "\n")
+        supervisor.spawn_detached(spec, self.sock, self.pidfile, self.dir / "supervisor.log")
+
+    def up(
+        self,
+        n_nodes: int,
+        heartbeat: str = "250ms",
+        timeout: float = 60.0,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        """Create (or resume) the lab and return once the cluster is formed."""
+        fresh = not self.exists()
+        if fresh:
+            self.create(n_nodes, heartbeat)
+        elif self.running():
+            raise LabError(f"the lab in {self.dir} is already running")
+        self.start_supervisor()
+        nodes = self.nodes()
+        client = self.client()
+        wait_for(lambda: all(self.probe(n, "live") for n in nodes), timeout, "every node to answer")
+        if fresh:
+            first = nodes[0]
+            for node in nodes[1:]:
+                log(f"adding {node.name} ({node.host}) to the cluster")
+                wait_for(lambda: self.probe(first, "ready?write"), timeout, "the cluster to accept writes")
+                client.kms([first.endpoint], wire.CLUSTER_ADD_NODE, {"host": node.host})
+        wait_for(lambda: self.formed(len(nodes)), timeout, f"all {len(nodes)} nodes to form one cluster")
+
+    def down(self, purge: bool = False, timeout: float = 30.0) -> None:
+        if self.running():
+            try:
+                supervisor.request(self.sock, {"op": "shutdown"}, timeout=timeout)
+            except supervisor.SupervisorError:
+                pass
+        pid = _read_pid(self.pidfile)
+        if pid is not None:
+            wait_for(lambda: not _alive(pid), timeout, "the lab supervisor to exit")
+        for node in self.nodes() if self.exists() else []:
+            for proc in _processes_using(node.data):
+                os.kill(proc, signal.SIGKILL)
+        if purge:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    # ---- observation ---------------------------------------------------------------------------------
+    def probe(self, node: LabNode, what: str = "live", timeout: float = 2.0) -> bool:
+        """An unauthenticated health probe, as a load balancer would do it."""
+        import http.client
+
+        ctx = ssl.create_default_context(cafile=str(self.ca_cert))
+        conn = http.client.HTTPSConnection(node.ip, PORT, context=ctx, timeout=timeout)
+        try:
+            conn.request("GET", f"/v1/health/{what}")
+            return conn.getresponse().status == 200
+        except OSError:
+            return False
+        finally:
+            conn.close()
+
+    def cluster_status(self, node: LabNode) -> dict[str, Any]:
+        """`CLUSTER:STATUS` as seen by one node."""
+        return self.client().kms([node.endpoint], wire.CLUSTER_STATUS, {})
+
+    def formed(self, size: int) -> bool:
+        """True when some node sees `size` members, all up, one leader, equal commits, and writes work."""
+        for node in self.nodes():
+            try:
+                status = self.cluster_status(node)
+            except CLIError:
+                continue
+            up = status.get("nodes_up", {})
+            if len(up) != size or status.get("nodes_down"):
+                continue
+            commits = {s.get("commit") for s in up.values()}
+            leaders = {s.get("leader_id") for s in up.values()}
+            if (
+                len(commits) == 1
+                and len(leaders) == 1
+                and "-1" not in leaders
+                and self.probe(node, "ready?write")
+            ):
+                return True
+        return False
+
+    def programs(self) -> dict[str, Any]:
+        reply = supervisor.request(self.sock, {"op": "status"})
+        programs: dict[str, Any] = reply.get("programs", {})
+        return programs
+
+    def status(self) -> list[dict[str, Any]]:
+        try:
+            programs = self.programs()
+        except supervisor.SupervisorError:
+            programs = {}
+        rows = []
+        for node in self.nodes():
+            prog = programs.get(node.name, {})
+            row: dict[str, Any] = {
+                "name": node.name,
+                "host": node.host,
+                "state": prog.get("state", "not running"),
+                "pid": prog.get("pid"),
+                "restarts": prog.get("n_restarts", 0),
+                "live": self.probe(node, "live", 1.0),
+                "ready": self.probe(node, "ready", 1.0),
+                "write": self.probe(node, "ready?write", 1.0),
+                "node_id": None,
+                "role": None,
+                "commit": None,
+                "leader_id": None,
+                "members": None,
+            }
+            if row["live"]:
+                try:
+                    status = self.cluster_status(node)
+                    me = next(
+                        (s for s in status.get("nodes_up", {}).values() if s.get("host") == node.host), None
+                    )
+                    if me:
+                        row.update(
+                            node_id=me.get("node_id"),
+                            role=me.get("role"),
+                            commit=int(me.get("commit", 0)),
+                            leader_id=int(me.get("leader_id", -1)),
+                            members=len(me.get("nodes", {})),
+                        )
+                except CLIError as exc:
+                    row["error"] = str(exc)
+            rows.append(row)
+        return rows
+
+    # ---- faults ---------------------------------------------------------------------------------------
+    def fault(self, name: str, kind: str) -> str:
+        node = self.node(name)
+        if kind not in FAULTS:
+            raise LabError(f"unknown fault {kind!r}: choose one of {', '.join(FAULTS)}")
+        if kind == "disk-loss":
+            wipe(node.data)
+            self._signal(node, "KILL")
+            return f"{node.name}: storage wiped and minkms killed (it restarts on an empty disk)"
+        if kind == "corrupt":
+            corrupt(node.data)
+            self._signal(node, "KILL")
+            return f"{node.name}: kms.db corrupted and minkms killed (it now fails at every start)"
+        if kind == "kill":
+            self._signal(node, "KILL")
+            return f"{node.name}: minkms killed with SIGKILL (the supervisor restarts it)"
+        reply = supervisor.request(self.sock, {"op": kind, "name": node.name})
+        if not reply.get("ok"):
+            raise LabError(f"{kind} {node.name}: {reply.get('error')}")
+        return f"{node.name}: minkms {'stopped' if kind == 'stop' else 'started'}"
+
+    def _signal(self, node: LabNode, sig: str) -> None:
+        reply = supervisor.request(self.sock, {"op": "kill", "name": node.name, "signal": sig})
+        if not reply.get("ok"):
+            raise LabError(f"kill {node.name}: {reply.get('error')}")
+
+
+def wipe(data: Path) -> None:
+    """Empty a storage directory (keep the directory itself, as a mount point would stay)."""
+    for item in data.iterdir():
+        if item.is_dir() and not item.is_symlink():
+            shutil.rmtree(item)
+        else:
+            item.unlink()
+
+
+def corrupt(data: Path) -> None:
+    """Overwrite the start of the database file and drop its WAL, as a torn disk would."""
+    db = data / "kms.db"
+    if not db.exists():
+        raise LabError(f"{db} does not exist: nothing to corrupt")
+    with open(db, "r+b") as fh:
+        fh.write(os.urandom(4096))
+        fh.flush()
+        os.fsync(fh.fileno())
+    for suffix in ("-wal", "-shm"):
+        Path(str(db) + suffix).unlink(missing_ok=True)
+
+
+def _write_secret(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours counts as gone
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(") ", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _processes_using(data: Path) -> list[int]:
+    """PIDs of emulator servers still serving `data` (left over after a supervisor crash)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = proc.info.get("cmdline") or []
+        if "server" in cmdline and str(data) in cmdline:
+            found.append(int(proc.info["pid"]))
+    return found
+
+
+def _source_root() -> str:
+    """The directory that holds the `emulator` package, so that children import the same code."""
+    return str(Path(__file__).resolve().parents[2])
