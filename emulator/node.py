@@ -69,6 +69,7 @@ class Node:
         self.started = time.monotonic()
         self.last_leader_contact = time.monotonic()
         self.election_deadline = self._next_deadline()
+        self.leader_since = 0.0
         self.follower_ack: dict[int, float] = {}
         self.follower_match: dict[int, tuple[int, int]] = {}
         self.leader_nodes_down: list[int] = []
@@ -121,6 +122,11 @@ class Node:
             self.role, self.leader_id = "Follower", -1
             return
         if self.role == "Leader":
+            if not self._leader_has_quorum():
+                log.warning("lost contact with a majority of the cluster: stepping down")
+                self._step_down(self.state.term)
+                self.leader_id = -1
+                return
             for fid in self.others():
                 if fid not in self._inflight:
                     self._spawn(self._replicate_to(fid))
@@ -133,6 +139,16 @@ class Node:
             return
         if time.monotonic() >= self.election_deadline:
             await self._run_election()
+
+    def _leader_has_quorum(self) -> bool:
+        """Check-quorum: a leader that cannot reach a majority stops claiming leadership."""
+        now = time.monotonic()
+        if now - self.leader_since < 2 * self.election_min:
+            return True
+        heard = sum(
+            1 for fid in self.others() if now - self.follower_ack.get(fid, -1e9) < 2 * self.election_min
+        )
+        return heard + 1 >= self.majority()
 
     def others(self) -> list[int]:
         return sorted(i for i in self.state.members if i != self.state.node_id)
@@ -209,6 +225,7 @@ class Node:
         if self.role != "Leader":
             log.info("became leader in term %s", self.state.term)
         self.role = "Leader"
+        self.leader_since = time.monotonic()
         self.leader_id = self.state.node_id
         self.follower_ack = {}
         self.follower_match = {}

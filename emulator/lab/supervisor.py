@@ -372,16 +372,11 @@ class Supervisor:
                     break
                 prog.n_restarts += 1
         except asyncio.CancelledError:
-            # Only when the loop is torn down without shutdown(): never leave a child behind.
-            if prog.proc is not None:
-                _signal_group(prog.proc, signal.SIGKILL)
             prog.state, prog.sub_state = "failed", "failed"
             raise
         except Exception as exc:
             log.exception("%s: supervisor bug while running the program", prog.name)
             prog.last_error = f"supervisor error: {type(exc).__name__}: {exc}"
-            if prog.proc is not None:
-                _signal_group(prog.proc, signal.SIGKILL)
             prog.state, prog.sub_state = "failed", "failed"
         finally:
             prog.proc = None
@@ -458,6 +453,10 @@ class Supervisor:
             prog.state, prog.sub_state = "active", "running"
         try:
             rc = await self._wait_or_stop(prog, proc)
+        except BaseException:
+            # Cancelled (loop torn down without shutdown()) or a bug: never leave the child behind.
+            _signal_group(proc, signal.SIGKILL)
+            raise
         finally:
             prog.proc = None
             if main:
