@@ -12,6 +12,7 @@ help:
 	@echo "make test   run the test suite"
 	@echo "make demo   run the demo: a local emulated cluster healing itself"
 	@echo "make lint   ruff and mypy"
+	@echo "make bench  run the benchmarks; figures go to docs/benchmarks.md"
 	@echo "make clean  remove .venv and build outputs"
 
 $(STAMP): pyproject.toml emulator/pyproject.toml scripts/bootstrap
@@ -31,6 +32,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.emulator_add_cost
 
 fmt: $(STAMP)
 	$(BIN)/ruff check --fix .

@@ -157,11 +157,17 @@ class Node:
         return len(self.state.members) // 2 + 1
 
     # ---- peer RPC ----------------------------------------------------------------------------------
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """Kept-alive HTTPS client to the other nodes, authenticated with the HSM-derived root identity."""
+        if self._session is None:
+            raise RuntimeError("node not started")
+        return self._session
+
     async def rpc(self, host: str, name: str, payload: dict[str, Any], timeout: float | None = None) -> Any:
-        assert self._session is not None
         url = f"https://{host}/v1/rpc/{name}"
         t = aiohttp.ClientTimeout(total=timeout) if timeout else None
-        async with self._session.post(url, json=payload, timeout=t) as resp:
+        async with self.session.post(url, json=payload, timeout=t) as resp:
             if resp.status != 200:
                 raise ClusterError(resp.status, (await resp.text())[:300])
             return await resp.json()

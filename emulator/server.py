@@ -214,11 +214,7 @@ class KMS:
 
     # ---- /v1/kms ---------------------------------------------------------------------------------------
     async def kms(self, request: web.Request) -> web.Response:
-        identity = self.identity(request)
-        if identity is None:
-            raise ClusterError(401, "not authenticated: no client certificate (API key) provided")
-        if identity != self.root_identity:
-            raise ClusterError(403, "access denied: insufficient permissions")
+        self.require_sysadmin(request)
         enclave = request.match_info.get("enclave") or DEFAULT_ENCLAVE
         body = await request.read()
         try:
@@ -241,10 +237,8 @@ class KMS:
             raise ClusterError(503, "cluster has no leader")
         host = node.state.members[node.leader_id]
         path = "/v1/kms/" + (request.match_info.get("enclave") or "")
-        session = node._session
-        assert session is not None
         try:
-            async with session.post(
+            async with node.session.post(
                 f"https://{host}{path}", data=body, timeout=aiohttp.ClientTimeout(total=70)
             ) as r:
                 return web.Response(status=r.status, body=await r.read(), content_type=r.content_type)
@@ -464,8 +458,7 @@ class KMS:
 
 
 async def _post(node: Node, host: str, path: str) -> None:
-    assert node._session is not None
-    async with node._session.post(f"https://{host}{path}", timeout=aiohttp.ClientTimeout(total=2)) as resp:
+    async with node.session.post(f"https://{host}{path}", timeout=aiohttp.ClientTimeout(total=2)) as resp:
         await resp.read()
 
 

@@ -143,7 +143,6 @@ class Lab:
         }
 
     def client(self) -> Client:
-        os.environ.setdefault("MINIO_KMS_TLS_CA", str(self.ca_cert))
         client = Client(self.api_key())
         client.ctx.load_verify_locations(cafile=str(self.ca_cert))
         return client
