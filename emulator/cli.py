@@ -27,6 +27,10 @@ from emulator.hsm import (
 )
 
 
+class UsageError(CLIError):
+    """Wrong arguments: exit code 2, as argparse uses."""
+
+
 def _api_key(args: argparse.Namespace) -> str:
     key: str | None = args.api_key or os.environ.get("MINIO_KMS_API_KEY")
     if not key:
@@ -92,7 +96,7 @@ def cmd_add(args: argparse.Namespace) -> int:
     elif len(args.hosts) == 2:
         servers, new = [normalize_endpoint(args.hosts[0])], args.hosts[1]
     else:
-        raise CLIError("usage: minkms add [EXISTING] HOST[:PORT]")
+        raise UsageError("usage: minkms add [EXISTING] HOST[:PORT]")
     reply = _client(args).kms(servers, wire.CLUSTER_ADD_NODE, {"host": host_of(new)})
     print(f"Added node {reply.get('node_id')}: {host_of(new)}")
     return 0
@@ -106,7 +110,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 def cmd_edit(args: argparse.Namespace) -> int:
     if not args.rm:
-        raise CLIError("nothing to edit: give at least one --rm ID")
+        raise UsageError("nothing to edit: give at least one --rm ID")
     server = normalize_endpoint(args.host)
     reply = _client(args).kms([server], wire.CLUSTER_EDIT, {"host": host_of(args.host), "remove": args.rm})
     nodes = reply.get("nodes", {})
@@ -203,7 +207,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     elif len(args.args) == 2:
         servers, file = [normalize_endpoint(args.args[0])], args.args[1]
     else:
-        raise CLIError("usage: minkms restore [HOST[:PORT]] FILE")
+        raise UsageError("usage: minkms restore [HOST[:PORT]] FILE")
     try:
         data = Path(file).read_bytes()
     except OSError as exc:
@@ -403,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args))
     except CLIError as exc:
         print(f"minkms: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, UsageError) else 1
+    except BrokenPipeError:  # `minkms ls | head -1`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except KeyboardInterrupt:
         return 130

@@ -357,8 +357,13 @@ class Node:
         return reply
 
     def on_membership(self, req: dict[str, Any]) -> dict[str, Any]:
-        """A survivor spreads the cluster definition it was told by `edit --rm`."""
-        if req.get("cluster_id") == self.state.cluster_id and not self.state.removed:
+        """A survivor spreads the cluster definition it was told by `edit --rm`; only a member may."""
+        sender = int(req.get("node_id", -1))
+        if (
+            req.get("cluster_id") == self.state.cluster_id
+            and not self.state.removed
+            and sender in self.state.members
+        ):
             members = {int(k): str(v) for k, v in req["members"].items()}
             if self.store.adopt_membership(members, int(req["epoch"]), int(req["next_id"])):
                 log.info("adopted cluster definition epoch %s: %s", self.state.epoch, members)
@@ -499,7 +504,9 @@ class Node:
                 raise ClusterError(409, f"node {host} is already a member of the cluster")
             try:
                 status = await self.rpc(host, "status", {}, timeout=3.0)
-            except ssl.SSLError as exc:
+            except aiohttp.ClientConnectorCertificateError as exc:
+                raise ClusterError(502, f"cannot verify the TLS certificate of node {host}: {exc}") from exc
+            except (aiohttp.ClientSSLError, ssl.SSLError) as exc:
                 raise ClusterError(
                     502, f"node {host} refused this cluster's identity (a different HSM key?): {exc}"
                 ) from exc
@@ -604,6 +611,8 @@ class Node:
     async def edit(self, remove: list[int]) -> dict[str, str]:
         """`minkms edit HOST --rm ID`: applied here without quorum, then spread to reachable survivors."""
         s = self.state
+        if s.removed:
+            raise ClusterError(409, "server not part of cluster: a removed node cannot edit the cluster")
         if not remove:
             raise ClusterError(400, "nothing to edit: give at least one --rm ID")
         for nid in remove:

@@ -132,6 +132,8 @@ def tls_contexts(cfg: ServerConfig, root_key: str) -> tuple[ssl.SSLContext, ssl.
     server.load_verify_locations(cadata=root_cert.decode())
     peer = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     peer.minimum_version = ssl.TLSVersion.TLSv1_2
+    # As in the CLI: under TLS 1.2 a node that refuses our identity says so in the handshake.
+    peer.maximum_version = ssl.TLSVersion.TLSv1_2
     if cfg.ca is not None:
         try:
             _load_verify(peer, cfg.ca)
@@ -563,6 +565,7 @@ async def serve(directory: Path, address: str, host: str | None, config: Path | 
     my_host = normalize_host(host) if host else default_host(address)
     root_key = hsm.root_api_key()
     server_ctx, peer_ctx = tls_contexts(cfg, root_key)
+    _check_bind(bind_host or "0.0.0.0", int(bind_port), address)  # before any state is created
     try:
         store = Store.open(directory, hsm, my_host)
     except StoreError as exc:
@@ -615,6 +618,17 @@ async def serve(directory: Path, address: str, host: str | None, config: Path | 
         print("INFO  Restarting server instance...", file=sys.stderr, flush=True)
         os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
     return 0
+
+
+def _check_bind(host: str, port: int, address: str) -> None:
+    probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        probe.bind((host, port))
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {address}: {exc.strerror or exc}") from exc
+    finally:
+        probe.close()
 
 
 def run(directory: str, address: str, host: str | None, config: str | None) -> int:

@@ -62,8 +62,12 @@ def _print_table(rows: list[dict[str, object]]) -> None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     lab = Lab(Path(args.dir))
-    lab.up(args.nodes, heartbeat=args.heartbeat, timeout=args.timeout)
+    lab.up(args.nodes, heartbeat=args.heartbeat, timeout=args.timeout, agents=args.agents)
     _print_table(lab.status())
+    if lab.has_agents():
+        print(
+            "\nagents: kmagent --config " + str(lab.agent_config(lab.nodes()[0])) + " status   (one per node)"
+        )
     print(f'\nlab is up in {lab.dir}; use it with:  eval "$(kmlab env --dir {shlex.quote(str(lab.dir))})"')
     return 0
 
@@ -124,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
     s.add_argument("--heartbeat", default="250ms", help="leader heartbeat interval (default 250ms)")
     s.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the cluster (default 60)")
+    s.add_argument("--agents", action="store_true", help="also run one kmagent per node")
     s.set_defaults(func=cmd_up)
 
     s = add("down", "stop every process of the lab")

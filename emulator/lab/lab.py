@@ -70,12 +70,12 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: 
         time.sleep(interval)
 
 
-def _free_subnet() -> str:
+def _free_subnet(n_nodes: int) -> str:
     """A random 127.A.B.0/24 whose port 7373 is free on the first addresses (parallel labs never clash)."""
     for _ in range(200):
         prefix = f"127.{random.randint(1, 254)}.{random.randint(1, 254)}"
         try:
-            for i in range(1, 4):
+            for i in range(1, n_nodes + 1):
                 with socket.socket() as sock:
                     sock.bind((f"{prefix}.{i}", PORT))
         except OSError:
@@ -160,7 +160,9 @@ class Lab:
         return proc
 
     # ---- life cycle ---------------------------------------------------------------------------------
-    def create(self, n_nodes: int, heartbeat: str = "250ms", restart_sec: float = 0.5) -> None:
+    def create(
+        self, n_nodes: int, heartbeat: str = "250ms", restart_sec: float = 0.5, agents: bool = False
+    ) -> None:
         if n_nodes < 1 or n_nodes > 50:
             raise LabError("--nodes must be between 1 and 50")
         if self.exists():
@@ -169,7 +171,7 @@ class Lab:
             )
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o700)
-        prefix = _free_subnet()
+        prefix = _free_subnet(n_nodes)
         hsm = SoftHSM.generate()
         _write_secret(self.dir / "hsm.key", str(hsm) + "\n")
         _write_secret(self.dir / "api.key", hsm.root_api_key() + "\n")
@@ -192,9 +194,65 @@ class Lab:
             "created": time.time(),
             "subnet": prefix,
             "restart_sec": restart_sec,
+            "agents": agents,
             "nodes": [asdict(n) for n in nodes],
         }
         self.meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+        if agents:
+            self._write_agent_configs(nodes)
+
+    # ---- agents ---------------------------------------------------------------------------------------
+    def has_agents(self) -> bool:
+        return bool(self.meta().get("agents"))
+
+    def agent_config(self, node: LabNode) -> Path:
+        return Path(node.dir) / "agent" / "kmagent.toml"
+
+    def agent_socket(self, node: LabNode) -> Path:
+        return Path(node.dir) / "agent" / "control.sock"
+
+    def _write_agent_configs(self, nodes: list[LabNode]) -> None:
+        """One kmagent config per node, generated for the lab: short timings, the lab's supervisor."""
+        wrapper = self.dir / "bin" / "minkms"
+        wrapper.parent.mkdir(exist_ok=True)
+        wrapper.write_text(f'#!/bin/sh\nPYTHONPATH={_source_root()} exec {sys.executable} -m emulator "$@"\n')
+        wrapper.chmod(0o755)
+        agents = "".join(
+            f'[[agents]]\nname = "{n.name}"\naddress = "{n.ip}:7443"\nminkms_host = "{n.host}"\n\n'
+            for n in nodes
+        )
+        for node in nodes:
+            base = Path(node.dir) / "agent"
+            base.mkdir(parents=True, exist_ok=True)
+            os.chmod(base, 0o700)
+            cert, key = pki.issue(self.dir / "ca", base / "tls", node.name, ips=[node.ip], dns=[node.name])
+            text = (
+                f'cluster = "kmlab"\nname = "{node.name}"\n\n{agents}'
+                f'[local]\nstorage_path = "{node.data}"\nservice = "{node.name}"\nsupervisor = "{self.sock}"\n'
+                'low_space = "64MiB"\n\n'
+                f'[minkms]\ncli = "{wrapper}"\nserver = "{node.endpoint}"\napi_key_file = "{self.dir / "api.key"}"\n'
+                f'ca = "{self.ca_cert}"\ncommand_timeout = "10s"\nprobe_timeout = "1s"\n\n'
+                f'[tls]\nca = "{self.ca_cert}"\ncert = "{cert}"\nkey = "{key}"\n\n'
+                '[timings]\nprobe_interval = "1s"\npeer_timeout = "3s"\ncrash_loop_restarts = 3\n'
+                'crash_loop_window = "30s"\n\n'
+                f'[state]\ndir = "{base / "state"}"\n\n'
+                f'[backup]\ndir = "{base / "backups"}"\n\n'
+                f'[control]\nsocket = "{self.agent_socket(node)}"\n\n'
+                f'[metrics]\naddress = "{node.ip}:9464"\n'
+            )
+            self.agent_config(node).write_text(text)
+
+    def agent_program(self, node: LabNode) -> dict[str, Any]:
+        base = Path(node.dir) / "agent"
+        return {
+            "argv": [sys.executable, "-m", "agent.cli", "--config", str(self.agent_config(node)), "daemon"],
+            "env": {"PYTHONPATH": _source_root()},
+            "cwd": str(base),
+            "log": str(base / "kmagent.log"),
+            "restart": "on-failure",
+            "restart_sec": 1.0,
+            "preflight": None,
+        }
 
     def program(self, node: LabNode) -> dict[str, Any]:
         base = Path(node.dir)
@@ -232,6 +290,8 @@ class Lab:
             return
         spec = self.dir / "supervisor.json"
         programs = {n.name: self.program(n) for n in self.nodes()}
+        if self.has_agents():
+            programs.update({f"{n.name}-agent": self.agent_program(n) for n in self.nodes()})
         _write_secret(spec, json.dumps({"programs": programs}, indent=2) + "\n")
         supervisor.spawn_detached(spec, self.sock, self.pidfile, self.dir / "supervisor.log")
 
@@ -241,11 +301,12 @@ class Lab:
         heartbeat: str = "250ms",
         timeout: float = 60.0,
         log: Callable[[str], None] = print,
+        agents: bool = False,
     ) -> None:
         """Create (or resume) the lab and return once the cluster is formed."""
         fresh = not self.exists()
         if fresh:
-            self.create(n_nodes, heartbeat)
+            self.create(n_nodes, heartbeat, agents=agents)
         elif self.running():
             raise LabError(f"the lab in {self.dir} is already running")
         self.start_supervisor()

@@ -116,7 +116,8 @@ def rejoin(lab: Lab, name: str, log: Callable[[str], None] = print, timeout: flo
     )
 
     def verify() -> None:
-        wait_for(lambda: lab.formed(len(lab.nodes())), timeout, "the cluster to be whole and writable")
+        size = len(_members(lab, anchor))  # other nodes may be out of the cluster: wait for its members only
+        wait_for(lambda: lab.formed(size), timeout, "the cluster to be whole and writable")
 
     step("5. wait until every node is up, caught up, and writes work", "minkms stat", verify)
     log(f"[{time.monotonic() - timeline.started:6.2f}s] {target.name} recovered")
