@@ -1,14 +1,139 @@
-"""`kmagent`: the command line of the node agent.
-
-Exit codes: 0 success, 1 failure, 2 usage error.
-"""
+"""`kmagent`: the command line of the node agent. Talks to the daemon over the local control socket."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
+from pathlib import Path
+from typing import Any
 
 from agent import __version__
+
+DEFAULT_CONFIG = "/etc/kmagent/kmagent.toml"
+DEFAULT_SOCKET = "/run/kmagent/control.sock"
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_DENIED = 0, 1, 2, 3, 4
+
+EPILOG = """exit codes:
+  0  success
+  1  failure (an invalid config, a rejected reload, ...)
+  2  usage error
+  3  the daemon is not running
+  4  permission denied (read commands need root or the kmagent-admin group; changes need root)
+
+environment:
+  KMAGENT_CONFIG  config file (default /etc/kmagent/kmagent.toml)
+  KMAGENT_SOCKET  control socket (default: control.socket from the config, else /run/kmagent/control.sock)
+"""
+
+
+def _config_path(args: argparse.Namespace) -> Path:
+    return Path(args.config or os.environ.get("KMAGENT_CONFIG") or DEFAULT_CONFIG)
+
+
+def _socket_path(args: argparse.Namespace) -> Path:
+    explicit = args.socket or os.environ.get("KMAGENT_SOCKET")
+    if explicit:
+        return Path(explicit)
+    try:
+        from agent.config import load_config
+
+        return Path(load_config(_config_path(args), check_files=False).control.socket)
+    except Exception:  # an unreadable config must not stop `status` from trying the default socket
+        return Path(DEFAULT_SOCKET)
+
+
+def _call(args: argparse.Namespace, method: str, route: str, timeout: float = 30.0) -> Any:
+    from agent.io.control import call
+
+    return call(_socket_path(args), method, route, timeout=timeout)
+
+
+def _yn(value: object) -> str:
+    return "yes" if value is True else "no" if value is False else "?"
+
+
+def render_status(status: dict[str, Any]) -> str:
+    lines = [
+        f"cluster {status['cluster']}   agent {status['agent']}   kmagent {status['version']}   "
+        f"up {int(status['uptime_seconds'])}s",
+        "",
+    ]
+    header = ("NODE", "HOST", "CLASS", "SINCE", "ID", "MINKMS", "COMMIT", "LIVE", "READY", "WRITE", "FREE")
+    rows = [header]
+    for n in status["nodes"]:
+        mk = n.get("minkms", {})
+        health = n.get("health", {})
+        free = n.get("storage", {}).get("free_bytes")
+        rows.append(
+            (
+                n["name"],
+                n.get("host") or "-",
+                n.get("class", "?"),
+                f"{int(n['since_seconds'])}s" if "since_seconds" in n else "-",
+                "-" if mk.get("node_id") is None else str(mk["node_id"]),
+                mk.get("role") or "-",
+                "-" if mk.get("commit") is None else str(mk["commit"]),
+                _yn(health.get("live")),
+                _yn(health.get("ready")),
+                _yn(health.get("write")),
+                "-" if free is None else f"{free / (1 << 30):.1f}G",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    for n in status["nodes"]:
+        if n.get("reason"):
+            lines.append(f"\n{n['name']}: {n['reason']}")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    while True:
+        status = _call(args, "GET", "/v1/status")
+        text = json.dumps(status, indent=2, sort_keys=True) if args.json else render_status(status)
+        if args.watch is None:
+            print(text)
+            return EXIT_OK
+        print("\033[2J\033[H" + text, flush=True)
+        time.sleep(args.watch)
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    from agent.io.control import ControlError
+
+    try:
+        _call(args, "POST", "/v1/reload", timeout=60)
+    except ControlError as exc:
+        if exc.status == 422:
+            print(f"kmagent: {exc}: see the daemon's log, or run: kmagent check-config", file=sys.stderr)
+            return EXIT_FAILED
+        raise
+    print("reloaded")
+    return EXIT_OK
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from agent.config import check_config_main
+
+    return check_config_main(args.path or args.config)
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from agent.daemon import main as daemon_main
+
+    return daemon_main(_config_path(args))
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    if args.json:
+        print(json.dumps({"version": __version__}))
+    else:
+        print(f"kmagent {__version__}")
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,20 +141,56 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kmagent",
         description="Node agent for AIStor Key Manager (minkms) clusters: watches the local minkms, agrees "
         "with the other hosts' agents, and runs the documented recovery runbooks automatically and safely.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--config", help="config file (default $KMAGENT_CONFIG or /etc/kmagent/kmagent.toml)")
+    p.add_argument("--socket", help="control socket (default: from the config)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("version", help="print the version")
+
+    s = sub.add_parser("daemon", help="run the agent (systemd starts it; not for interactive use)")
+    s.set_defaults(func=cmd_daemon)
+
+    s = sub.add_parser("status", help="show the cluster as this agent sees it")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument(
+        "--watch", type=float, nargs="?", const=2.0, metavar="SECONDS", help="refresh every SECONDS (2)"
+    )
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("check-config", help="validate a config file: prints OK or every error")
+    s.add_argument(
+        "path", nargs="?", help="config file (default: --config, $KMAGENT_CONFIG, /etc/kmagent/kmagent.toml)"
+    )
+    s.set_defaults(func=cmd_check_config)
+
+    s = sub.add_parser("reload", help="reload the config; waits until applied (a bad config is rejected)")
+    s.set_defaults(func=cmd_reload)
+
+    s = sub.add_parser("version", help="print the version")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_version)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "version":
-        print(f"kmagent {__version__}")
-        return 0
-    parser.print_help(sys.stderr)
-    return 2
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    from agent.io.control import ControlError, DaemonNotRunning
+
+    try:
+        return int(args.func(args))
+    except DaemonNotRunning as exc:
+        print(f"kmagent: {exc}; start it with: systemctl start kmagent", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    except ControlError as exc:
+        print(f"kmagent: {exc}", file=sys.stderr)
+        return EXIT_DENIED if exc.status == 403 else EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

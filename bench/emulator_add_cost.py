@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         "Command: `.venv/bin/python -m bench.emulator_add_cost "
         f"--sizes {args.sizes} --repeat {args.repeat}`. A 3-node kmlab cluster (heartbeat 100 ms); node3 loses "
         "its disk and `kmlab runbook rejoin` heals it with perfect knowledge, no detection delay. "
-        "`minkms add` copies the whole key database, so its time grows with the data.\n\n" + table,
+        "`minkms add` copies the whole key database, so its time grows with the data; at small sizes the fixed "
+        "costs (a CLI process start, TLS handshakes, one heartbeat) dominate. Other work may have shared the "
+        "machine; compare runs made on one machine.\n\n" + table,
     )
     return 0
 

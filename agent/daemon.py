@@ -1,0 +1,433 @@
+"""The agent's main loop on one host: observe -> classify -> report; systemd notify, reload, clean stop.
+
+Decisions live in `agent.core`; this module only gathers observations, keeps the timers' state and serves it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from agent import __version__
+from agent.config import Config, ConfigError, load_config, read_secret, split_hostport
+from agent.core.classify import (
+    Thresholds,
+    Tracked,
+    Verdict,
+    classify_local,
+    held_for,
+    prune_samples,
+    restarts_within,
+    track,
+)
+from agent.core.model import (
+    MarkerState,
+    MinkmsView,
+    NodeClass,
+    Observation,
+    ServiceObs,
+)
+from agent.io import logs
+from agent.io.control import Access, ControlServer, json_response
+from agent.io.metrics import Metric, MetricsServer
+from agent.io.minkms import Minkms, MinkmsSettings
+from agent.io.notify import Notifier, watchdog_forever
+from agent.io.service import LabSupervisor, ServiceControl, Systemd
+from agent.io.storage import Marker, probe_storage, write_marker
+
+log = logging.getLogger("kmagent")
+
+
+def build_service(cfg: Config) -> ServiceControl:
+    if cfg.local.supervisor:
+        return LabSupervisor(Path(cfg.local.supervisor), cfg.local.service)
+    return Systemd(cfg.local.service)
+
+
+def build_minkms(cfg: Config) -> Minkms:
+    api_key_file = cfg.minkms.api_key_file
+    return Minkms(
+        MinkmsSettings(
+            cli=(cfg.minkms.cli,),
+            server=cfg.minkms.server or "",
+            api_key=lambda: read_secret(Path(api_key_file)) if api_key_file else "",
+            ca=Path(cfg.minkms.ca) if cfg.minkms.ca else None,
+            insecure=cfg.minkms.insecure,
+            command_timeout=cfg.minkms.command_timeout,
+            probe_timeout=cfg.minkms.probe_timeout,
+            home=Path(cfg.state.dir) / "minkms-home",
+        )
+    )
+
+
+class Agent:
+    """The state of one agent between probe rounds. Everything it serves is derived from here."""
+
+    def __init__(self, cfg: Config, service: ServiceControl, minkms: Minkms, notifier: Notifier) -> None:
+        self.cfg = cfg
+        self.service = service
+        self.minkms = minkms
+        self.notifier = notifier
+        self.started = time.monotonic()
+        self.started_wall = time.time()
+        self.tracked: Tracked | None = None
+        self.observation: Observation | None = None
+        self.restart_samples: tuple[tuple[float, int], ...] = ()
+        self.rounds = 0
+        self.round_seconds = 0.0
+
+    @property
+    def my_host(self) -> str:
+        return self.cfg.me.minkms_host or ""
+
+    @property
+    def storage_path(self) -> Path:
+        path = self.cfg.local.storage_path
+        if path is None:  # config validation requires it for a member; a witness never observes
+            raise RuntimeError("no storage path configured")
+        return path
+
+    @property
+    def marker_record(self) -> Path:
+        return Path(self.cfg.state.dir) / "marker.json"
+
+    # ---- observation ------------------------------------------------------------------------------------
+    async def observe(self) -> Observation:
+        started = time.monotonic()
+        service_task = asyncio.ensure_future(self.service.status())
+        health_task = asyncio.ensure_future(self.minkms.probe())
+        storage_task = asyncio.ensure_future(
+            asyncio.to_thread(
+                probe_storage,
+                self.storage_path,
+                cluster=self.cfg.cluster,
+                host=self.my_host,
+                record=self.marker_record,
+                low_space=self.cfg.local.low_space,
+            )
+        )
+        service, health, storage = await asyncio.gather(service_task, health_task, storage_task)
+        view = (
+            await self.minkms.cluster_status() if health.live else MinkmsView(error="minkms is not answering")
+        )
+        now = time.monotonic()
+        self.restart_samples = prune_samples(
+            (*self.restart_samples, (now, service.restarts)), now, self.cfg.timings.crash_loop_window
+        )
+        in_window = restarts_within(self.restart_samples, now, self.cfg.timings.crash_loop_window)
+        service = ServiceObs(service.state, service.restarts, service.main_pid, in_window)
+        obs = Observation(at=now, service=service, health=health, storage=storage, minkms=view)
+        self.round_seconds = now - started
+        return obs
+
+    def decide(self, obs: Observation) -> Verdict:
+        verdict = classify_local(obs, self.my_host, None, Thresholds(self.cfg.timings.crash_loop_restarts))
+        previous = self.tracked.verdict.cls if self.tracked else None
+        self.tracked = track(self.tracked, verdict, obs.at)
+        self.observation = obs
+        self.rounds += 1
+        if previous != verdict.cls:
+            log.log(
+                logging.INFO if verdict.cls is NodeClass.HEALTHY else logging.WARNING,
+                logs.kv(
+                    event="class_changed",
+                    node=self.cfg.name,
+                    previous=previous,
+                    now=verdict.cls,
+                    reason=verdict.reason,
+                ),
+            )
+        return verdict
+
+    def maintain_marker(self, obs: Observation, verdict: Verdict) -> None:
+        """Record this host's identity beside the state once the node is known good (DESIGN §3)."""
+        if verdict.cls is not NodeClass.HEALTHY or obs.storage.marker is not MarkerState.ABSENT:
+            return
+        me = obs.minkms.node_by_host(self.my_host)
+        marker = Marker(self.cfg.cluster, self.my_host, me.node_id if me else None, time.time())
+        try:
+            write_marker(self.storage_path, marker, self.marker_record)
+            log.info(logs.kv(event="marker_written", path=self.cfg.local.storage_path))
+        except OSError as exc:
+            log.warning(logs.kv(event="marker_failed", error=exc))
+
+    async def round(self) -> None:
+        if self.cfg.is_witness:
+            self.notifier.status(f"witness of cluster {self.cfg.cluster}")
+            return
+        obs = await self.observe()
+        verdict = self.decide(obs)
+        self.maintain_marker(obs, verdict)
+        self.notifier.status(self.status_line())
+
+    # ---- presentation -----------------------------------------------------------------------------------
+    def status_line(self) -> str:
+        if self.tracked is None or self.observation is None:
+            return "starting: no observation yet"
+        t = self.tracked
+        held = held_for(t, time.monotonic())
+        me = self.observation.minkms.node_by_host(self.my_host)
+        where = f"; node {me.node_id}, {me.role}, commit {me.commit}" if me else ""
+        return f"{t.verdict.cls} for {_human(held)}: {t.verdict.reason}{where}"
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        obs = self.observation
+        node: dict[str, Any] = {"name": self.cfg.name, "host": self.my_host, "role": self.cfg.me.role}
+        if self.tracked is not None:
+            node.update(
+                {
+                    "class": str(self.tracked.verdict.cls),
+                    "reason": self.tracked.verdict.reason,
+                    "since_seconds": round(held_for(self.tracked, now), 3),
+                }
+            )
+        if obs is not None:
+            me = obs.minkms.node_by_host(self.my_host)
+            node.update(
+                {
+                    "observed_seconds_ago": round(now - obs.at, 3),
+                    "service": _plain(asdict(obs.service)),
+                    "health": _plain(asdict(obs.health)),
+                    "storage": _plain(asdict(obs.storage)),
+                    "minkms": {
+                        "error": obs.minkms.error,
+                        "node_id": me.node_id if me else None,
+                        "role": me.role if me else None,
+                        "commit": me.commit if me else None,
+                        "leader_id": me.leader_id if me else None,
+                        "members": dict(me.members) if me else {},
+                        "nodes_down": dict(obs.minkms.nodes_down),
+                    },
+                }
+            )
+        return {
+            "version": __version__,
+            "cluster": self.cfg.cluster,
+            "agent": self.cfg.name,
+            "config": str(self.cfg.path),
+            "uptime_seconds": round(now - self.started, 3),
+            "status_line": self.status_line(),
+            "nodes": [node],
+        }
+
+    def metrics(self) -> list[Metric]:
+        labels = {"node": self.cfg.name}
+        current = self.tracked.verdict.cls if self.tracked else NodeClass.UNKNOWN
+        metrics = [
+            Metric("kmagent_up", "gauge", "1 while the agent runs", (({}, 1.0),)),
+            Metric(
+                "kmagent_node_class",
+                "gauge",
+                "1 for the node's current health class",
+                tuple(({**labels, "class": c.value}, 1.0 if c is current else 0.0) for c in NodeClass),
+            ),
+            Metric(
+                "kmagent_observation_rounds_total",
+                "counter",
+                "probe rounds completed",
+                (({}, float(self.rounds)),),
+            ),
+            Metric(
+                "kmagent_observation_seconds",
+                "gauge",
+                "duration of the last probe round",
+                (({}, self.round_seconds),),
+            ),
+        ]
+        obs = self.observation
+        if obs is not None:
+            metrics += [
+                Metric(
+                    "kmagent_minkms_service_restarts",
+                    "gauge",
+                    "the service manager's restart counter",
+                    ((labels, float(obs.service.restarts)),),
+                ),
+                Metric(
+                    "kmagent_minkms_health",
+                    "gauge",
+                    "minkms health probes (1 ok, 0 failed, -1 no answer)",
+                    tuple(
+                        ({**labels, "probe": p}, _tri(getattr(obs.health, p)))
+                        for p in ("live", "ready", "write")
+                    ),
+                ),
+                Metric(
+                    "kmagent_storage_free_bytes",
+                    "gauge",
+                    "free bytes in the storage path",
+                    ((labels, float(obs.storage.free_bytes if obs.storage.free_bytes is not None else -1)),),
+                ),
+                Metric(
+                    "kmagent_storage_probe_ok",
+                    "gauge",
+                    "1 when the write+fsync probe worked",
+                    ((labels, 1.0 if obs.storage.probe_ok else 0.0),),
+                ),
+            ]
+        if self.tracked is not None:
+            metrics.append(
+                Metric(
+                    "kmagent_node_class_seconds",
+                    "gauge",
+                    "how long the current class has held",
+                    ((labels, held_for(self.tracked, time.monotonic())),),
+                )
+            )
+        return metrics
+
+
+def _tri(value: bool | None) -> float:
+    return -1.0 if value is None else (1.0 if value else 0.0)
+
+
+def _plain(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.value if hasattr(v, "value") else v) for k, v in data.items()}
+
+
+def _human(seconds: float) -> str:
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+class Daemon:
+    """Owns the listeners and the loop; swaps the Agent's config on reload."""
+
+    def __init__(self, config_path: Path) -> None:
+        self.config_path = config_path
+        self.notifier = Notifier()
+        self.agent: Agent | None = None
+        self.control: ControlServer | None = None
+        self.metrics_server: MetricsServer | None = None
+        self.stop_event = asyncio.Event()
+        self.reload_lock = asyncio.Lock()
+
+    async def run(self) -> int:
+        try:
+            cfg = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error(logs.kv(event="config_invalid", path=self.config_path, errors=str(exc)))
+            print(str(exc), file=sys.stderr)
+            return 1
+        for warning in cfg.warnings:
+            log.warning(logs.kv(event="config_warning", message=warning))
+        self.agent = Agent(cfg, build_service(cfg), build_minkms(cfg), self.notifier)
+        self.control = ControlServer(Path(cfg.control.socket), cfg.control.group)
+        self.control.route("GET", "/v1/status", Access.READ, self._status)
+        self.control.route("GET", "/v1/version", Access.READ, self._version)
+        self.control.route("POST", "/v1/reload", Access.ADMIN, self._reload)
+        try:
+            await self.control.start()
+            if cfg.metrics.address:
+                host, port = split_hostport(cfg.metrics.address)
+                self.metrics_server = MetricsServer(
+                    host, port, lambda: self.agent.metrics() if self.agent else []
+                )
+                await self.metrics_server.start()
+        except (OSError, RuntimeError) as exc:
+            log.error(logs.kv(event="listen_failed", error=exc))
+            await self._close()
+            return 1
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop_event.set)
+        loop.add_signal_handler(signal.SIGINT, self.stop_event.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        self.notifier.ready(f"started: agent {cfg.name} of cluster {cfg.cluster}")
+        log.info(
+            logs.kv(
+                event="started", agent=cfg.name, cluster=cfg.cluster, version=__version__, pid=os.getpid()
+            )
+        )
+        tasks = [asyncio.ensure_future(self._observe_forever())]
+        if self.notifier.watchdog_interval:
+            tasks.append(
+                asyncio.ensure_future(watchdog_forever(self.notifier, self.notifier.watchdog_interval))
+            )
+        await self.stop_event.wait()
+        self.notifier.stopping()
+        log.info(logs.kv(event="stopping"))
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._close()
+        return 0
+
+    async def _close(self) -> None:
+        if self.control:
+            await self.control.stop()
+        if self.metrics_server:
+            await self.metrics_server.stop()
+        if self.agent:
+            await self.agent.minkms.close()
+
+    async def _observe_forever(self) -> None:
+        while True:
+            agent = self.agent
+            assert agent is not None
+            started = time.monotonic()
+            try:
+                await agent.round()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # an observation bug must never stop the agent
+                log.exception(logs.kv(event="round_failed"))
+            interval = agent.cfg.timings.probe_interval
+            await asyncio.sleep(max(0.05, interval - (time.monotonic() - started)))
+
+    async def reload(self) -> list[str]:
+        """Load the config again; a bad one is rejected and the running one kept. Returns the errors."""
+        async with self.reload_lock:
+            self.notifier.reloading()
+            try:
+                cfg = load_config(self.config_path)
+            except ConfigError as exc:
+                errors = [str(i) for i in exc.errors]
+                log.error(logs.kv(event="reload_rejected", errors="; ".join(errors)))
+                self.notifier.ready(f"reload rejected, running config kept: {errors[0] if errors else ''}")
+                return errors
+            assert self.agent is not None
+            old = self.agent
+            await old.minkms.close()
+            self.agent = Agent(cfg, build_service(cfg), build_minkms(cfg), self.notifier)
+            self.agent.tracked, self.agent.restart_samples = old.tracked, old.restart_samples
+            self.agent.started, self.agent.started_wall = old.started, old.started_wall
+            log.info(logs.kv(event="reloaded", path=self.config_path))
+            self.notifier.ready("reloaded: " + self.agent.status_line())
+            return []
+
+    async def _status(self, request: web.Request) -> web.Response:
+        assert self.agent is not None
+        return json_response(self.agent.status())
+
+    async def _version(self, request: web.Request) -> web.Response:
+        return json_response({"version": __version__})
+
+    async def _reload(self, request: web.Request) -> web.Response:
+        errors = await self.reload()
+        if errors:
+            return json_response(
+                {"error": "new config rejected; the running config is kept", "errors": errors}, 422
+            )
+        return json_response({"ok": True})
+
+
+def main(config_path: Path) -> int:
+    logs.setup()
+    return asyncio.run(Daemon(config_path).run())
