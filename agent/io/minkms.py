@@ -181,7 +181,10 @@ class Minkms:
 
     # ---- CLI ------------------------------------------------------------------------------------------
     async def run(self, *args: str, server: str | None = None, timeout: float | None = None) -> CommandResult:
-        """Run `minkms ARGS...` against `server` (default: the local node). Never raises for a failed command."""
+        """Run `minkms ARGS...` against `server` (default: the local node).
+
+        Never raises for a failure of the call (see CommandResult); only a malformed `server` is a ValueError.
+        """
         limit = self.settings.command_timeout if timeout is None else timeout
         argv = tuple(os.fspath(a) for a in self.settings.cli) + tuple(args)
         if self.settings.insecure:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.core.model import HealthObs
 from agent.io.minkms import OUTPUT_CAP, TRUST_STORE, Minkms, MinkmsSettings
 from emulator.hsm import new_api_key
 from emulator.lab.lab import Lab, LabNode, wipe
@@ -186,6 +187,17 @@ async def test_a_missing_cli(tmp_path: Path) -> None:
     assert (await minkms.cluster_status()).error == (
         "minkms stat --json failed: minkms CLI not found: /nonexistent/minkms"
     )
+
+
+async def test_no_server_configured(tmp_path: Path) -> None:
+    # a witness host has no local minkms: the daemon passes server=""
+    async with Minkms(fake("", tmp_path, server="")) as minkms:
+        result = await minkms.run("stat", "--json")
+        assert (result.returncode, result.error) == (125, "no minkms server configured")
+        assert await minkms.probe() == HealthObs()
+        assert (
+            await minkms.cluster_status()
+        ).error == "minkms stat --json failed: no minkms server configured"
 
 
 async def test_an_unreadable_api_key_is_an_error_not_an_exception(tmp_path: Path) -> None:
