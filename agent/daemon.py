@@ -26,6 +26,7 @@ from agent.core.classify import (
     Verdict,
     classify_local,
     held_for,
+    human_duration,
     prune_samples,
     restarts_within,
     track,
@@ -178,7 +179,7 @@ class Agent:
         held = held_for(t, time.monotonic())
         me = self.observation.minkms.node_by_host(self.my_host)
         where = f"; node {me.node_id}, {me.role}, commit {me.commit}" if me else ""
-        return f"{t.verdict.cls} for {_human(held)}: {t.verdict.reason}{where}"
+        return f"{t.verdict.cls} for {human_duration(held)}: {t.verdict.reason}{where}"
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -294,15 +295,6 @@ def _tri(value: bool | None) -> float:
 
 def _plain(data: dict[str, Any]) -> dict[str, Any]:
     return {k: (v.value if hasattr(v, "value") else v) for k, v in data.items()}
-
-
-def _human(seconds: float) -> str:
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
 
 
 class Daemon:

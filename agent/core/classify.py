@@ -202,7 +202,7 @@ def classify_peer(e: PeerEvidence, peer_timeout: float) -> Verdict:
             )
         return e.reported
 
-    silence = "never reported" if e.report_age is None else f"no report for {_duration(e.report_age)}"
+    silence = "never reported" if e.report_age is None else f"no report for {human_duration(e.report_age)}"
     if e.minkms_live is True and e.in_reference:
         return Verdict(NodeClass.AGENT_DOWN, f"{silence}, but its minkms answers and is a member")
     if e.minkms_live is True:
@@ -214,7 +214,7 @@ def classify_peer(e: PeerEvidence, peer_timeout: float) -> Verdict:
     return Verdict(NodeClass.UNREACHABLE, f"{silence}; {probe}")
 
 
-def _duration(seconds: float) -> str:
+def human_duration(seconds: float) -> str:
     """Short human duration: 2.5s, 45s, 3m05s, 2h07m."""
     if seconds < 10:
         return f"{seconds:.1f}".rstrip("0").rstrip(".") + "s"
