@@ -1,0 +1,126 @@
+"""The messages agents exchange over the peer API (DESIGN §4), as immutable dataclasses.
+
+Only plain field types are used (str, int, float, bool, None, tuples and nested message dataclasses), so that
+`agent.core.wire` can encode and strictly decode every one of them from the dataclass definition alone. Times in
+messages are durations or the sender's own wall clock for display: no agent ever compares another agent's
+monotonic clock with its own.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+ACTION_KINDS = ("REJOIN", "EVICT", "RESTORE")
+
+
+@dataclass(frozen=True)
+class NodeReport:
+    """The sender's view of its own node (absent for a witness)."""
+
+    cls: str  # NodeClass value
+    reason: str
+    held_seconds: float  # how long the class has held on the sender's clock
+    host: str  # the minkms host
+    node_id: int | None = None
+    role: str = ""
+    commit: int | None = None
+    leader_id: int | None = None
+    members: tuple[tuple[int, str], ...] = ()  # the membership the local minkms reports (id, host)
+
+
+@dataclass(frozen=True)
+class Report:
+    """Pushed by every agent to every peer each probe interval; fresh for peer_timeout after receipt."""
+
+    cluster: str
+    sender: str
+    seq: int  # increases with every report of one agent process (older or equal ones are dropped)
+    boot: str  # random id of the sender's process: a restart resets seq
+    term: int  # the highest term the sender knows
+    anchor: str | None  # the agent it follows as anchor (itself when it holds the lease)
+    anchor_lease_seconds: float | None  # when the sender is anchor: the lease it still holds, on its clock
+    node: NodeReport | None
+    in_flight: str | None = None  # the unfinished action id it has acked or drives
+    paused: bool = False
+    version: str = ""
+
+
+@dataclass(frozen=True)
+class VoteRequest:
+    """A candidate asks for (or renews) a lease in `term`."""
+
+    cluster: str
+    term: int
+    candidate: str
+
+
+@dataclass(frozen=True)
+class VoteReply:
+    cluster: str
+    term: int  # the term of the request it answers
+    voter: str
+    granted: bool
+    reason: str  # why it was refused, for humans; "" when granted
+    voter_term: int  # the highest term the voter has voted in
+
+
+@dataclass(frozen=True)
+class Action:
+    """A destructive action; `id` is unique and stays the same when a new anchor re-certifies it."""
+
+    id: str
+    kind: str  # one of ACTION_KINDS
+    target: str  # agent name of the node acted upon
+    params: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class AckRequest:
+    """The anchor asks a peer to sign `action` in `term`."""
+
+    cluster: str
+    term: int
+    anchor: str
+    action: Action
+
+
+@dataclass(frozen=True)
+class Ack:
+    """A signature over ack_payload(cluster, term, action) with the signer's TLS key."""
+
+    signer: str
+    certificate: str  # the signer's certificate, PEM, so that anyone can verify the ack alone
+    signature: str  # base64
+
+
+@dataclass(frozen=True)
+class AckReply:
+    granted: bool
+    reason: str
+    ack: Ack | None = None
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """Q acks of distinct configured agents over the same (cluster, term, action)."""
+
+    cluster: str
+    term: int
+    action: Action
+    acks: tuple[Ack, ...]
+
+
+def ack_payload(cluster: str, term: int, action: Action) -> bytes:
+    """The canonical bytes every ack signs: sorted keys, no spaces, UTF-8; the same on every agent."""
+    body = {
+        "cluster": cluster,
+        "term": term,
+        "action": {
+            "id": action.id,
+            "kind": action.kind,
+            "target": action.target,
+            "params": [list(p) for p in action.params],
+        },
+    }
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
