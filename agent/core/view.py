@@ -1,0 +1,132 @@
+"""The cluster as one agent sees it: its own verdict, its peers' reports and its probes of their minkms.
+
+Pure. The daemon keeps the inputs (latest report per peer with the local receipt time) and calls these each
+round; election and, later, the planner read the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from agent.core.classify import PeerEvidence, Verdict, classify_peer
+from agent.core.messages import NodeReport, Report
+from agent.core.model import NodeClass
+
+LEADER_ROLE = "Leader"
+# Commit indexes a HEALTHY member may trail the best one by and still be eligible as anchor.
+MAX_COMMIT_LAG = 16
+
+
+@dataclass(frozen=True)
+class Member:
+    """One configured agent, as the view needs it (a slice of the config's AgentSpec)."""
+
+    name: str
+    minkms_host: str | None  # None for a witness
+
+    @property
+    def is_witness(self) -> bool:
+        return self.minkms_host is None
+
+
+@dataclass(frozen=True)
+class PeerState:
+    """What this agent holds about one peer."""
+
+    report: Report | None = None
+    received_at: float | None = None  # this agent's monotonic clock
+    minkms_live: bool | None = None  # this agent's own probe of the peer's minkms
+
+
+@dataclass(frozen=True)
+class NodeView:
+    name: str
+    verdict: Verdict | None  # None for a witness: it has no node to classify
+    report_age: float | None  # None for this agent itself, or a peer never heard from
+    node: NodeReport | None  # what the node's own agent last said about it (for this agent: its own)
+
+
+def report_age(peer: PeerState, now: float) -> float | None:
+    return None if peer.received_at is None else max(0.0, now - peer.received_at)
+
+
+def fresh_report(peer: PeerState, now: float, peer_timeout: float) -> Report | None:
+    age = report_age(peer, now)
+    return peer.report if age is not None and age <= peer_timeout else None
+
+
+def reference_membership(
+    anchor: str | None, me: str, own: NodeReport | None, peers: Mapping[str, PeerState]
+) -> dict[int, str] | None:
+    """The cluster's membership: the one the anchor's minkms reports (DESIGN §3), None without an anchor."""
+    if anchor is None:
+        return None
+    if anchor == me:
+        node = own
+    else:
+        report = peers[anchor].report if anchor in peers else None
+        node = report.node if report is not None else None
+    if node is None or not node.members:
+        return None
+    return dict(node.members)
+
+
+def classify_cluster(
+    members: Sequence[Member],
+    me: str,
+    own: NodeReport | None,
+    peers: Mapping[str, PeerState],
+    reference: Mapping[int, str] | None,
+    now: float,
+    peer_timeout: float,
+) -> tuple[NodeView, ...]:
+    """One NodeView per configured agent, in config order. This agent's own verdict is taken as reported."""
+    views = []
+    for m in members:
+        if m.name == me:
+            verdict = Verdict(NodeClass(own.cls), own.reason) if own is not None else None
+            views.append(NodeView(m.name, verdict, None, own))
+            continue
+        peer = peers.get(m.name, PeerState())
+        node = peer.report.node if peer.report else None
+        if m.is_witness:
+            views.append(NodeView(m.name, None, report_age(peer, now), node))
+            continue
+        reported = _reported_verdict(node)
+        in_reference = reference is None or m.minkms_host in reference.values()
+        evidence = PeerEvidence(report_age(peer, now), reported, peer.minkms_live, in_reference)
+        views.append(NodeView(m.name, classify_peer(evidence, peer_timeout), report_age(peer, now), node))
+    return tuple(views)
+
+
+def _reported_verdict(node: NodeReport | None) -> Verdict | None:
+    if node is None:
+        return None
+    try:
+        return Verdict(NodeClass(node.cls), node.reason)
+    except ValueError:  # a newer peer's class this version does not know: not evidence of anything
+        return Verdict(NodeClass.UNKNOWN, f"reported an unknown class {node.cls!r}")
+
+
+def anchor_candidates(views: Sequence[NodeView], max_lag: int = MAX_COMMIT_LAG) -> tuple[str, ...]:
+    """Eligible anchors in order of preference (DESIGN §4.2).
+
+    Eligible: a HEALTHY member whose commit is known and not behind the best commit among HEALTHY members (by more
+    than `max_lag`: reports sample commits at different instants while writes flow). Preferred: the minkms
+    leader, then the highest commit, then config order.
+    """
+    healthy = [
+        (i, v, v.node.commit)
+        for i, v in enumerate(views)
+        if v.verdict is not None
+        and v.verdict.cls is NodeClass.HEALTHY
+        and v.node is not None
+        and v.node.commit is not None
+    ]
+    if not healthy:
+        return ()
+    best = max(commit for _, _, commit in healthy)
+    eligible = [(i, v, commit) for i, v, commit in healthy if commit >= best - max_lag]
+    eligible.sort(key=lambda e: (e[1].node is None or e[1].node.role != LEADER_ROLE, -e[2], e[0]))
+    return tuple(v.name for _, v, _ in eligible)
