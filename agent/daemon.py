@@ -414,9 +414,11 @@ class Daemon:
     async def _reload(self, request: web.Request) -> web.Response:
         errors = await self.reload()
         if errors:
-            return json_response(
-                {"error": "new config rejected; the running config is kept", "errors": errors}, 422
-            )
+            # The first error is in the message itself, so that `kmagent reload` can name it.
+            message = f"new config rejected, the running config is kept: {errors[0] if errors else '?'}"
+            if len(errors) > 1:
+                message += f" (and {len(errors) - 1} more)"
+            return json_response({"error": message, "errors": errors}, 422)
         return json_response({"ok": True})
 
 
