@@ -72,13 +72,22 @@ def classify_local(
         return Verdict(NodeClass.STATE_LOST, lost)
 
     # 2. CORRUPT: crash loop with state present (state presence is guaranteed by rule 1, checked again for clarity).
+    # Not when the volume itself is broken: CORRUPT leads to a REJOIN that quarantines the state, which cannot
+    # help a read-only or failing volume and would throw away state that may be intact. That is DOWN, for a human.
     restarts = obs.service.restarts_in_window
+    broken = _storage_broken(obs)
     if restarts >= thresholds.crash_loop_restarts and not obs.storage.empty:
+        if broken:
+            return Verdict(
+                NodeClass.DOWN,
+                f"{restarts} restarts within the crash-loop window on broken storage ({'; '.join(broken)}): "
+                "not treated as corruption, the volume needs an operator",
+            )
         return Verdict(
             NodeClass.CORRUPT, f"{restarts} restarts within the crash-loop window with state present"
         )
 
-    # 3. DOWN: stopped, restarting or not answering.
+    # 3. DOWN: stopped, restarting or not answering (with the storage's fault, if any, as the likely cause).
     down: list[str] = []
     if obs.service.state is not ServiceState.ACTIVE:
         down.append(f"service is {obs.service.state.value}")
@@ -87,7 +96,7 @@ def classify_local(
     elif not obs.health.live:
         down.append("minkms reports not live")
     if down:
-        return Verdict(NodeClass.DOWN, "; ".join(down))
+        return Verdict(NodeClass.DOWN, "; ".join(down + broken))
 
     # 4. EVICTED: live, but the membership does not list this host. Unknown membership is not evidence.
     members, whose = _membership(reference, local)
@@ -100,12 +109,7 @@ def classify_local(
         issues.append("live but the ready probe got no answer")
     elif not obs.health.ready:
         issues.append("live but not ready")
-    if not obs.storage.probe_ok:
-        issues.append(
-            f"storage probe failed: {obs.storage.error}" if obs.storage.error else "storage probe failed"
-        )
-    if obs.storage.read_only:
-        issues.append("storage is read-only")
+    issues += broken
     if obs.storage.low_space:
         free = obs.storage.free_bytes
         issues.append(f"low free space: {_bytes(free)}" if free is not None else "low free space")
@@ -122,6 +126,16 @@ def classify_local(
     # 6. HEALTHY.
     reason = "live, ready, a member, storage ok"
     return Verdict(NodeClass.HEALTHY, f"{reason}; {unavailable}" if unavailable else reason)
+
+
+def _storage_broken(obs: Observation) -> list[str]:
+    """What makes the storage unusable for minkms (not a mere warning such as low space); empty when fine."""
+    storage, problems = obs.storage, []
+    if not storage.probe_ok:
+        problems.append(f"storage probe failed: {storage.error}" if storage.error else "storage probe failed")
+    if storage.read_only:
+        problems.append("storage is read-only")
+    return problems
 
 
 def _state_lost(

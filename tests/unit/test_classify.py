@@ -170,7 +170,46 @@ LOCAL_CASES: list[tuple[str, Observation, Mapping[int, str] | None, NodeClass, s
     ("corrupt-beats-down-activating", obs(restarts=5, state=S.ACTIVATING), REF3, C.CORRUPT, "5 restarts"),
     ("corrupt-beats-not-live", obs(restarts=3, live=False), REF3, C.CORRUPT, "3 restarts"),
     ("corrupt-beats-evicted", obs(restarts=3), REF_WITHOUT_ME, C.CORRUPT, "3 restarts"),
-    ("corrupt-beats-degraded", obs(restarts=3, ready=False, read_only=True), REF3, C.CORRUPT, "3 restarts"),
+    ("corrupt-beats-degraded", obs(restarts=3, ready=False, low_space=True), REF3, C.CORRUPT, "3 restarts"),
+    # 2'. a crash loop on a broken volume is not corruption: no REJOIN can fix the volume (DOWN, for an operator)
+    (
+        "crash-loop-read-only-is-down",
+        obs(restarts=3, state=S.ACTIVATING, live=None, read_only=True, probe_ok=False),
+        REF3,
+        C.DOWN,
+        "3 restarts within the crash-loop window on broken storage",
+    ),
+    (
+        "crash-loop-read-only-names-it",
+        obs(
+            restarts=4,
+            read_only=True,
+            probe_ok=False,
+            storage_error="write probe failed: Read-only file system",
+        ),
+        REF3,
+        C.DOWN,
+        "storage probe failed: write probe failed: Read-only file system; storage is read-only",
+    ),
+    ("crash-loop-read-only-flag-only", obs(restarts=3, read_only=True), REF3, C.DOWN, "storage is read-only"),
+    (
+        "crash-loop-probe-failed",
+        obs(restarts=5, state=S.FAILED, probe_ok=False, storage_error="fsync: EIO"),
+        REF3,
+        C.DOWN,
+        "on broken storage (storage probe failed: fsync: EIO)",
+    ),
+    ("crash-loop-broken-needs-operator", obs(restarts=3, probe_ok=False), REF3, C.DOWN, "needs an operator"),
+    ("crash-loop-broken-live-not-corrupt", obs(restarts=3, read_only=True), None, C.DOWN, "not treated as"),
+    ("crash-loop-broken-evicted-too", obs(restarts=3, probe_ok=False), REF_WITHOUT_ME, C.DOWN, "broken"),
+    ("crash-loop-low-space-only-is-corrupt", obs(restarts=3, low_space=True), REF3, C.CORRUPT, "3 restarts"),
+    (
+        "crash-loop-broken-but-empty-is-lost",
+        obs(restarts=3, empty=True, read_only=True),
+        REF3,
+        C.STATE_LOST,
+        "empty",
+    ),
     ("corrupt-no-anchor", obs(restarts=3, minkms=ERR_VIEW), None, C.CORRUPT, "3 restarts"),
     # 3. DOWN
     ("down-failed", obs(state=S.FAILED), REF3, C.DOWN, "service is failed"),
@@ -186,6 +225,14 @@ LOCAL_CASES: list[tuple[str, Observation, Mapping[int, str] | None, NodeClass, s
     ("down-beats-evicted-no-anchor", obs(live=False, minkms=LOCAL_WITHOUT_ME), None, C.DOWN, "not live"),
     ("down-beats-degraded", obs(live=False, ready=False, low_space=True), REF3, C.DOWN, "not live"),
     ("down-no-anchor-no-view", obs(state=S.FAILED, live=None, minkms=ERR_VIEW), None, C.DOWN, "failed"),
+    (
+        "down-names-read-only-storage",
+        obs(state=S.ACTIVATING, live=None, read_only=True),
+        REF3,
+        C.DOWN,
+        "service is activating; minkms does not answer the live probe; storage is read-only",
+    ),
+    ("down-below-threshold-read-only", obs(restarts=2, live=None, read_only=True), REF3, C.DOWN, "read-only"),
     # 4. EVICTED
     ("evicted-not-in-reference", obs(), REF_WITHOUT_ME, C.EVICTED, "not in the cluster's membership"),
     (
@@ -351,7 +398,9 @@ def test_classify_local_total_over_all_field_combinations() -> None:
         if empty or marker in (M.MISSING, M.MISMATCH):
             assert v.cls is C.STATE_LOST
         if v.cls is C.CORRUPT:
-            assert restarts >= 3 and not empty
+            assert restarts >= 3 and not empty and probe_ok and not read_only
+        if restarts >= 3 and (read_only or not probe_ok) and v.cls is not C.STATE_LOST:
+            assert v.cls is C.DOWN and "needs an operator" in v.reason
         if v.cls in (C.EVICTED, C.DEGRADED, C.HEALTHY):
             assert state is S.ACTIVE and live is True and restarts < 3
         if v.cls is C.HEALTHY:
