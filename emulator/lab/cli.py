@@ -10,6 +10,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 from emulator.lab import runbook
 from emulator.lab.lab import FAULTS, Lab, LabError
@@ -18,8 +19,10 @@ from emulator.lab.supervisor import SupervisorError
 DEFAULT_DIR = "./lab"
 
 
-def _print_table(rows: list[dict[str, object]]) -> None:
-    header = (
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    """The node table; with agents, a column for the class each agent reports and its reasons below."""
+    agents = any(r.get("agent") for r in rows)
+    header: tuple[str, ...] = (
         "NODE",
         "HOST",
         "PROCESS",
@@ -32,7 +35,7 @@ def _print_table(rows: list[dict[str, object]]) -> None:
         "ROLE",
         "COMMIT",
         "MEMBERS",
-    )
+    ) + (("AGENT",) if agents else ())
     table = [header]
     for r in rows:
 
@@ -54,10 +57,16 @@ def _print_table(rows: list[dict[str, object]]) -> None:
                 "-" if r["commit"] is None else str(r["commit"]),
                 "-" if r["members"] is None else str(r["members"]),
             )
+            + ((str((r.get("agent") or {}).get("class") or "-"),) if agents else ())
         )
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    if agents:
+        print()
+        for r in rows:
+            agent = r.get("agent") or {}
+            print(f"{r['name']} agent: {agent.get('reason') or '-'}")
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -135,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--purge", action="store_true", help="also delete the lab directory")
     s.set_defaults(func=cmd_down)
 
-    s = add("status", "show every node: process, health, cluster role and commit")
+    s = add("status", "show every node: process, health, cluster role, commit, and what its agent sees")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
 

@@ -6,6 +6,7 @@ and by operators who want to try a runbook safely.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import random
@@ -27,7 +28,8 @@ from emulator.hsm import SoftHSM
 from emulator.lab import pki, supervisor
 
 PORT = 7373
-FAULTS = ("disk-loss", "corrupt", "kill", "stop", "start")
+FAULTS = ("disk-loss", "corrupt", "kill", "stop", "start", "agent-stop", "agent-start")
+AGENT_NOT_RUNNING = "agent not running"
 
 
 class LabError(Exception):
@@ -302,11 +304,18 @@ class Lab:
         timeout: float = 60.0,
         log: Callable[[str], None] = print,
         agents: bool = False,
+        prepare: Callable[[Lab], None] | None = None,
     ) -> None:
-        """Create (or resume) the lab and return once the cluster is formed."""
+        """Create (or resume) the lab and return once the cluster is formed.
+
+        `prepare` runs once a new lab's files exist and before any process starts: the moment to put a real
+        volume (e.g. a small tmpfs) under a node's data directory, since nothing holds it open yet.
+        """
         fresh = not self.exists()
         if fresh:
             self.create(n_nodes, heartbeat, agents=agents)
+            if prepare is not None:
+                prepare(self)
         elif self.running():
             raise LabError(f"the lab in {self.dir} is already running")
         self.start_supervisor()
@@ -339,8 +348,6 @@ class Lab:
     # ---- observation ---------------------------------------------------------------------------------
     def probe(self, node: LabNode, what: str = "live", timeout: float = 2.0) -> bool:
         """An unauthenticated health probe, as a load balancer would do it."""
-        import http.client
-
         ctx = ssl.create_default_context(cafile=str(self.ca_cert))
         conn = http.client.HTTPSConnection(node.ip, PORT, context=ctx, timeout=timeout)
         try:
@@ -386,6 +393,7 @@ class Lab:
             programs = self.programs()
         except supervisor.SupervisorError:
             programs = {}
+        agents = self.has_agents()
         rows = []
         for node in self.nodes():
             prog = programs.get(node.name, {})
@@ -403,6 +411,7 @@ class Lab:
                 "commit": None,
                 "leader_id": None,
                 "members": None,
+                "agent": self.agent_view(node) if agents else None,
             }
             if row["live"]:
                 try:
@@ -423,11 +432,34 @@ class Lab:
             rows.append(row)
         return rows
 
+    def agent_view(self, node: LabNode) -> dict[str, Any]:
+        """What the node's agent says of its node: {"class", "reason"}; class None when it cannot be asked."""
+        from agent.io.control import ControlError, DaemonNotRunning, call  # the lab runs without agents too
+
+        try:
+            status = call(self.agent_socket(node), "GET", "/v1/status", timeout=3)
+        except DaemonNotRunning:
+            return {"class": None, "reason": AGENT_NOT_RUNNING}
+        except (ControlError, OSError, http.client.HTTPException) as exc:
+            return {"class": None, "reason": f"agent does not answer: {exc}"}
+        mine = (status.get("nodes") or [{}])[0] if isinstance(status, dict) else {}
+        if not isinstance(mine, dict) or "class" not in mine:
+            return {"class": None, "reason": "agent has not classified its node yet"}
+        return {"class": mine.get("class"), "reason": mine.get("reason")}
+
     # ---- faults ---------------------------------------------------------------------------------------
     def fault(self, name: str, kind: str) -> str:
         node = self.node(name)
         if kind not in FAULTS:
             raise LabError(f"unknown fault {kind!r}: choose one of {', '.join(FAULTS)}")
+        if kind.startswith("agent-"):
+            if not self.has_agents():
+                raise LabError(f"this lab runs no agents: there is no agent of {node.name} to {kind[6:]}")
+            op = kind[6:]
+            reply = supervisor.request(self.sock, {"op": op, "name": f"{node.name}-agent"})
+            if not reply.get("ok"):
+                raise LabError(f"{op} the agent of {node.name}: {reply.get('error')}")
+            return f"{node.name}: kmagent {'stopped' if op == 'stop' else 'started'}"
         if kind == "disk-loss":
             wipe(node.data)
             self._signal(node, "KILL")

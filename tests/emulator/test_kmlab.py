@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -41,6 +42,8 @@ def test_kmlab_up_status_env_down_leaves_nothing_running(tmp_path: Path) -> None
         nodes = status["nodes"]
         assert [n["name"] for n in nodes] == ["node1", "node2", "node3"]
         assert all(n["write"] and n["members"] == 3 and n["state"] == "active" for n in nodes)
+        assert all(n["agent"] is None for n in nodes)  # no agents in this lab: no agent column either
+        assert "AGENT" not in kmlab("status", "--dir", str(lab_dir)).stdout
         assert len({n["host"].rsplit(".", 1)[0] for n in nodes}) == 1  # one loopback /24
         assert (lab_dir / "api.key").stat().st_mode & 0o077 == 0
         assert (lab_dir / "hsm.key").stat().st_mode & 0o077 == 0
@@ -56,6 +59,49 @@ def test_kmlab_up_status_env_down_leaves_nothing_running(tmp_path: Path) -> None
     assert down.returncode == 0, down.stderr
     assert lab_processes(lab_dir) == []
     assert not (lab_dir / "supervisor.sock").exists()
+
+
+def test_kmlab_status_shows_what_each_agent_sees(tmp_path: Path) -> None:
+    lab = Lab(tmp_path / "lab")
+    try:
+        lab.up(2, heartbeat="100ms", log=lambda _line: None, agents=True)
+
+        def status() -> list[dict[str, Any]]:
+            out = kmlab("status", "--dir", str(lab.dir), "--json").stdout
+            nodes: list[dict[str, Any]] = json.loads(out)["nodes"]
+            return nodes
+
+        def status_when(
+            ok: Callable[[list[dict[str, Any]]], bool],
+        ) -> Callable[[], list[dict[str, Any]] | None]:
+            return lambda: rows if ok(rows := status()) else None
+
+        healthy = status_when(lambda r: all((n["agent"] or {}).get("class") == "HEALTHY" for n in r))
+        rows = wait_for(healthy, 60, "both agents to report HEALTHY through kmlab status")
+        assert all("a member" in n["agent"]["reason"] for n in rows)
+        table = kmlab("status", "--dir", str(lab.dir)).stdout
+        header, *lines = table.splitlines()
+        assert header.split()[-1] == "AGENT" and lines[0].split()[-1] == "HEALTHY"
+        assert "node1 agent: live, ready, a member" in table
+
+        assert "kmagent stopped" in lab.fault("node2", "agent-stop")
+        gone = status_when(lambda r: r[1]["agent"]["class"] is None)
+        rows = wait_for(gone, 30, "node2's agent to be gone")
+        assert rows[1]["agent"]["reason"] == "agent not running"
+        assert rows[0]["agent"]["class"] == "HEALTHY"
+        table = kmlab("status", "--dir", str(lab.dir)).stdout
+        assert "node2 agent: agent not running" in table
+        assert [line.split()[-1] for line in table.splitlines()[1:3]] == ["HEALTHY", "-"]
+
+        lab.fault("node2", "agent-start")
+        wait_for(lambda: status()[1]["agent"]["class"] == "HEALTHY", 60, "node2's agent to be back")
+    finally:
+        lab.down()
+
+
+def test_agent_faults_need_a_lab_with_agents(lab3: Lab) -> None:
+    proc = kmlab("fault", "--dir", str(lab3.dir), "node1", "agent-stop")
+    assert proc.returncode == 1 and "runs no agents" in proc.stderr
 
 
 def test_kmlab_errors_are_one_clear_line(tmp_path: Path) -> None:
