@@ -136,6 +136,109 @@ def cmd_version(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+PKI_EPILOG = """example (a quick start; your own PKI works too: CN and a SAN DNS name = the agent's name):
+  kmagent pki init --dir /root/kmagent-ca --cluster prod
+  kmagent pki issue node1 --dir /root/kmagent-ca --address 10.0.0.1 --address node1.example.net
+
+Keep the CA directory off the hosts if you can: whoever holds ca.key can make certificates every agent trusts.
+exit codes: 0 written, 1 refused or failed (an existing file, a missing or damaged CA), 2 bad arguments
+"""
+
+
+def cmd_pki_init(args: argparse.Namespace) -> int:
+    from agent import pki
+
+    cert, key = pki.init_ca(Path(args.dir), args.cluster, force=args.force)
+    print(f"wrote {cert}  (the cluster CA certificate: every host needs it)")
+    print(f"wrote {key}  (the CA private key, 0600: keep it here, never copy it to the hosts)")
+    print(
+        f"next: kmagent pki issue NAME --dir {args.dir} --address HOST_OR_IP   (once per agent of the config)"
+    )
+    return EXIT_OK
+
+
+def cmd_pki_issue(args: argparse.Namespace) -> int:
+    from agent import pki
+
+    out = Path(args.out) if args.out else None
+    cert, key = pki.issue(
+        Path(args.dir), args.name, args.address, args.key_type, args.days, args.force, out_dir=out
+    )
+    names = ", ".join([args.name, *args.address])
+    print(f"wrote {cert}  (agent {args.name}: {args.key_type}, {args.days} days, names: {names})")
+    print(f"wrote {key}  (its private key, 0600)")
+    ca = Path(args.dir) / pki.CA_CERT
+    print(
+        f"next: copy {ca}, {cert.name} and {key.name} to host {args.name} (e.g. to /etc/kmagent/tls/, the key "
+        "owned by root, mode 0600) and point its kmagent.toml at them:\n"
+        f'  [tls]\n  ca = "/etc/kmagent/tls/{ca.name}"\n  cert = "/etc/kmagent/tls/{cert.name}"\n'
+        f'  key = "/etc/kmagent/tls/{key.name}"'
+    )
+    return EXIT_OK
+
+
+def cmd_pki(args: argparse.Namespace) -> int:
+    """Run a pki subcommand; its errors are about files and arguments, not the daemon, so handled here."""
+    from agent.pki import PKIError
+
+    try:
+        return int(args.pki_func(args))
+    except ValueError as exc:
+        print(f"kmagent pki: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except PKIError as exc:
+        print(f"kmagent pki: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _add_pki_parser(sub: Any) -> None:
+    from agent.pki import KEY_TYPES, LEAF_DAYS
+
+    p = sub.add_parser(
+        "pki",
+        help="create a cluster CA and agent certificates (quick start)",
+        description="A minimal PKI for the agents' mutual TLS and signed acks: one CA per cluster, one "
+        "certificate per agent.",
+        epilog=PKI_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.set_defaults(func=lambda _args: p.print_help(sys.stderr) or EXIT_USAGE)
+    pki_sub = p.add_subparsers(metavar="{init,issue}")
+
+    s = pki_sub.add_parser(
+        "init",
+        help="create the cluster CA: ca.crt (0644) and ca.key (0600) in --dir (created 0700)",
+        description="Create the cluster CA (ECDSA P-256, 10 years). Refuses to replace an existing CA "
+        "unless --force: certificates issued by the old CA would no longer be trusted.",
+    )
+    s.add_argument("--dir", required=True, help="CA directory (created 0700 if missing)")
+    s.add_argument("--cluster", default="kmagent", help="cluster name, shown in the CA's name (kmagent)")
+    s.add_argument("--force", action="store_true", help="replace an existing CA")
+    s.set_defaults(func=cmd_pki, pki_func=cmd_pki_init)
+
+    s = pki_sub.add_parser(
+        "issue",
+        help="issue agent NAME a certificate: NAME.crt (0644) and NAME.key (0600)",
+        description="Issue a certificate for agent NAME (the name in the config's [[agents]]), signed by "
+        "the CA in --dir, for both TLS server and client use. CN and a SAN DNS name are NAME; each "
+        "--address adds a SAN, so that peers can reach the agent at that address.",
+    )
+    s.add_argument("name", metavar="NAME", help="agent name: 1-64 characters from A-Z a-z 0-9 . _ -")
+    s.add_argument("--dir", required=True, help="CA directory (from kmagent pki init)")
+    s.add_argument(
+        "--address",
+        action="append",
+        default=[],
+        metavar="HOST_OR_IP",
+        help="an extra name: an IP address (IP SAN) or a host name (DNS SAN); repeatable",
+    )
+    s.add_argument("--key-type", choices=KEY_TYPES, default="ec", help="key type (ec: ECDSA P-256)")
+    s.add_argument("--days", type=int, default=LEAF_DAYS, help=f"validity in days ({LEAF_DAYS})")
+    s.add_argument("--out", metavar="DIR", help="write NAME.crt and NAME.key here instead of --dir")
+    s.add_argument("--force", action="store_true", help="replace an existing NAME.crt / NAME.key")
+    s.set_defaults(func=cmd_pki, pki_func=cmd_pki_issue)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kmagent",
@@ -170,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("version", help="print the version")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_version)
+
+    _add_pki_parser(sub)
     return p
 
 
