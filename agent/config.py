@@ -187,6 +187,7 @@ class PeerConfig:
     """The peer API listener, resolved: never empty after load_config (defaults to this agent's address)."""
 
     listen: str = ""
+    source: str = ""  # the local IP outbound peer connections come from; "" lets the system choose
 
 
 @dataclass(frozen=True)
@@ -464,6 +465,16 @@ def _hostport(value: object) -> str:
     return text
 
 
+def _ip_or_empty(value: object) -> str:
+    text = _string(value)
+    if text:
+        try:
+            ipaddress.ip_address(text)
+        except ValueError:
+            raise ValueError(f'expected an IP address or "" (got {_show(text)})') from None
+    return text
+
+
 def _hostport_or_empty(value: object) -> str:
     text = _string(value)
     return text if text == "" else _hostport(text)
@@ -683,7 +694,7 @@ _PARSERS: dict[str, dict[str, _Parser]] = {
     "state": {"dir": _abspath},
     "control": {"socket": _abspath, "group": _group_name},
     "metrics": {"address": _hostport_or_empty},
-    "peer": {"listen": _hostport_or_empty},
+    "peer": {"listen": _hostport_or_empty, "source": _ip_or_empty},
 }
 _CLASSES: dict[str, type[Any]] = {
     "local": LocalConfig,

@@ -10,7 +10,6 @@ network volume can hang any system call.
 from __future__ import annotations
 
 import calendar
-import contextlib
 import errno
 import json
 import logging
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.core.model import MarkerState, StorageObs
+from agent.io.durable import atomic_write, fsync_dir
 
 log = logging.getLogger("kmagent.storage")
 
@@ -85,39 +85,6 @@ class Marker:
 # ------------------------------------------------------------------------------------------------- marker
 
 
-def _fsync_dir(path: Path) -> None:
-    """A rename or unlink is durable only once the directory holding it is synced."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """tmp + fsync + rename + fsync dir: a reader sees the old file or the new one, never a torn one."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    os.close(fd)
-    try:
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
 def write_marker(storage: Path, marker: Marker, record: Path) -> None:
     """Write the marker into the storage path, then its copy to `record` in the agent's state dir.
 
@@ -129,13 +96,13 @@ def write_marker(storage: Path, marker: Marker, record: Path) -> None:
     if not storage.is_dir():
         raise StorageError(f"cannot write the marker: storage path {storage} is not an existing directory")
     try:
-        _atomic_write(storage / MARKER_NAME, data)
+        atomic_write(storage / MARKER_NAME, data)
     except OSError as exc:
         raise StorageError(f"cannot write the marker in {storage}: {exc}") from exc
     record = Path(record)
     try:
         record.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _atomic_write(record, data, mode=0o600)
+        atomic_write(record, data, mode=0o600)
     except OSError as exc:
         raise StorageError(f"cannot write the marker record {record}: {exc}") from exc
 
@@ -337,7 +304,7 @@ def _sync_tree(path: Path) -> None:
             p = Path(dirpath) / name
             if p.is_file() and not p.is_symlink():
                 _sync_tree(p)
-        _fsync_dir(Path(dirpath))
+        fsync_dir(Path(dirpath))
 
 
 def _copy_owner(src: Path, dst: Path) -> None:
@@ -376,7 +343,7 @@ def _move_entry(src: Path, qdir: Path) -> tuple[str, bool]:
     _copy_owner(src, partial)
     _sync_tree(partial)
     os.rename(partial, dst)
-    _fsync_dir(qdir)
+    fsync_dir(qdir)
     # Only now, with a complete and durable copy in quarantine, does the source go: a move, not a deletion.
     if src.is_dir() and not src.is_symlink():
         shutil.rmtree(src)
@@ -458,7 +425,7 @@ def quarantine(
             qdir = qroot / _qdir_name(now, action_id)
             qdir.mkdir(mode=0o700)
             os.chmod(qdir, 0o700)  # whatever the umask: quarantined key state is secret
-            _fsync_dir(qroot)
+            fsync_dir(qroot)
         else:
             log.info("resuming the quarantine of action %s into %s", action_id, qdir)
 
@@ -476,8 +443,8 @@ def quarantine(
                 f"storage path {src} still has entries after {_MOVE_PASSES} passes ({', '.join(names[:5])}): "
                 "something keeps writing to it; is minkms stopped?"
             )
-        _fsync_dir(src)
-        _fsync_dir(qdir)
+        fsync_dir(src)
+        fsync_dir(qdir)
         entries = sorted(
             n
             for n in os.listdir(qdir)
@@ -491,8 +458,8 @@ def quarantine(
             "entries": entries,
             "cross_device": cross,
         }
-        _atomic_write(qdir / QUARANTINE_META, (json.dumps(meta, indent=2) + "\n").encode(), mode=0o600)
-        _fsync_dir(qroot)
+        atomic_write(qdir / QUARANTINE_META, (json.dumps(meta, indent=2) + "\n").encode(), mode=0o600)
+        fsync_dir(qroot)
     except StorageError:
         raise
     except (OSError, shutil.Error) as exc:
