@@ -71,7 +71,10 @@ def test_backup_default_name(shared_lab: Lab, tmp_path: Path, monkeypatch: objec
     import subprocess
     import sys
 
-    env = {**os.environ, **shared_lab.env()}
+    # Another working directory: the emulator is importable from the checkout only through PYTHONPATH
+    # (the venv's editable install hides that; Debian's python3 in `make test-debian` does not).
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, **shared_lab.env(), "PYTHONPATH": root}
     proc = subprocess.run(
         [sys.executable, "-m", "emulator", "backup"],
         env=env,
