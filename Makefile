@@ -5,11 +5,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: dev test demo lint fmt bench clean help
+.PHONY: dev test test-debian demo lint fmt bench clean help
 
 help:
 	@echo "make dev    create .venv with kmagent, the emulator and the test tools"
 	@echo "make test   run the test suite"
+	@echo "make test-debian  the same suite on Debian 12's python3 and python3-* packages (no venv, no pip)"
 	@echo "make demo   run the demo: a local emulated cluster healing itself"
 	@echo "make lint   ruff and mypy"
 	@echo "make bench  run the benchmarks; figures go to docs/benchmarks.md"
@@ -24,6 +25,10 @@ dev: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest
+
+# Debian's own stack, the compatibility floor; installs the python3-* packages it needs with apt when missing.
+test-debian:
+	scripts/test-debian
 
 demo: $(STAMP)
 	$(BIN)/python -m emulator.lab.demo
