@@ -24,6 +24,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 # The same rules as the config's names and hosts: a name the config accepts can be issued, and vice versa.
 from agent.config import _HOSTNAME, _NAME
+from agent.io.durable import atomic_write
 
 KeyType = Literal["ec", "rsa", "ed25519"]
 KEY_TYPES: tuple[str, ...] = get_args(KeyType)
@@ -256,28 +257,11 @@ def make_private_dir(directory: Path) -> None:
         os.chmod(directory, 0o700)  # mkdir's mode is filtered by the umask
 
 
-def write_file(path: Path, data: bytes, mode: int, overwrite: bool) -> None:
-    """Write via a same-directory temp file created with its final mode: never readable by others, even
-    briefly, and never left half-written. Without `overwrite`, an existing file is kept (PKIError)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)  # a stale temp file could carry a laxer mode; O_EXCL then makes a fresh one
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)  # the umask may have removed bits we want (0644 for certificates)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)  # atomic "create if absent": a concurrent writer cannot be clobbered
-    except FileExistsError:
-        raise PKIError(
-            f"{path} already exists; refusing to overwrite it (use --force to replace it)"
-        ) from None
-    finally:
-        tmp.unlink(missing_ok=True)
+def write_file(path: Path, data: bytes, mode: int) -> None:
+    """Atomically (agent.io.durable), then with exactly `mode`: the umask may have removed bits we want
+    (0644 for certificates); it can only remove them, so a key is never readable by others on the way."""
+    atomic_write(path, data, mode)
+    os.chmod(path, mode)
 
 
 def _refuse_existing(paths: Iterable[Path], what: str, why: str = "") -> None:
@@ -289,13 +273,11 @@ def _refuse_existing(paths: Iterable[Path], what: str, why: str = "") -> None:
         )
 
 
-def write_pair(
-    cert_path: Path, key_path: Path, cert: x509.Certificate, key: PrivateKey, overwrite: bool
-) -> None:
+def write_pair(cert_path: Path, key_path: Path, cert: x509.Certificate, key: PrivateKey) -> None:
     """Key first: a crash in between leaves a lone key, which load_ca reports, rather than a certificate
-    without its key."""
-    write_file(key_path, key_pem(key), 0o600, overwrite)
-    write_file(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644, overwrite)
+    without its key. Callers refuse to overwrite before building anything (`_refuse_existing`)."""
+    write_file(key_path, key_pem(key), 0o600)
+    write_file(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
 def init_ca(
@@ -320,7 +302,7 @@ def init_ca(
     now = now or datetime.datetime.now(datetime.UTC)
     cert, key = build_ca(common_name or f"{cluster_name} CA", now, key_type)
     make_private_dir(directory)
-    write_pair(cert_path, key_path, cert, key, overwrite=force)
+    write_pair(cert_path, key_path, cert, key)
     return cert_path, key_path
 
 
@@ -354,5 +336,5 @@ def issue(
         raise PKIError(f"the CA in {directory} expired on {validity(ca_cert)[1]:%Y-%m-%d}; create a new one")
     cert, key = build_leaf(ca_cert, ca_key, name, now, dns=dns, ips=ips, key_type=key_type, days=days)
     make_private_dir(out)
-    write_pair(cert_path, key_path, cert, key, overwrite=force)
+    write_pair(cert_path, key_path, cert, key)
     return cert_path, key_path

@@ -38,8 +38,6 @@ from agent.pki import (
 MAX_CERT_PEM = 16 * 1024  # agent certificates are ~1 KiB (RSA ~2 KiB); more is not a certificate of ours
 _RSA_PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
 
-VerifyAck = Callable[[Ack, bytes], str | None]
-
 
 class SigningError(Exception):
     """The agent's own certificate or key cannot be used to sign acks."""
@@ -170,7 +168,7 @@ class AckVerifier:
             return f"{who}: the signature does not verify (tampered, or signed over something else)"
         return None
 
-    def at(self, now: datetime.datetime) -> VerifyAck:
+    def at(self, now: datetime.datetime) -> Callable[[Ack, bytes], str | None]:
         """`verify` with `now` bound: the `verify_ack(ack, payload)` callable the quorum check takes."""
         return lambda ack, payload: self.verify(ack, payload, now)
 

@@ -54,5 +54,5 @@ def issue(
     out_dir = Path(out_dir)
     pki.make_private_dir(out_dir)
     cert_path, key_path = out_dir / LEAF_CERT, out_dir / LEAF_KEY
-    pki.write_pair(cert_path, key_path, cert, key, overwrite=True)
+    pki.write_pair(cert_path, key_path, cert, key)
     return cert_path, key_path
