@@ -56,38 +56,67 @@ def _yn(value: object) -> str:
     return "yes" if value is True else "no" if value is False else "?"
 
 
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+
+
+def _opt(value: object, fmt: str = "{}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
 def render_status(status: dict[str, Any]) -> str:
+    """The cluster as this agent sees it, then this host's own probes."""
+    election = status.get("election", {})
+    anchor = status.get("anchor")
+    lease = election.get("lease_remaining") or 0
     lines = [
         f"cluster {status['cluster']}   agent {status['agent']}   kmagent {status['version']}   "
         f"up {int(status['uptime_seconds'])}s",
+        f"anchor {anchor or 'none'}   term {status.get('term', '?')}"
+        + (
+            f"   (this agent holds the lease: {lease:.1f}s left)"
+            if anchor == status["agent"] and lease
+            else ""
+        ),
         "",
     ]
-    header = ("NODE", "HOST", "CLASS", "SINCE", "ID", "MINKMS", "COMMIT", "LIVE", "READY", "WRITE", "FREE")
-    rows = [header]
-    for n in status["nodes"]:
-        mk = n.get("minkms", {})
-        health = n.get("health", {})
-        free = n.get("storage", {}).get("free_bytes")
+    rows: list[tuple[str, ...]] = [
+        ("NODE", "ROLE", "CLASS", "SINCE", "ID", "MINKMS", "COMMIT", "LAG", "ANCHOR", "REPORT")
+    ]
+    for n in status.get("nodes", []):
+        age = n.get("report_age_seconds")
         rows.append(
             (
-                n["name"],
-                n.get("host") or "-",
-                n.get("class", "?"),
-                f"{int(n['since_seconds'])}s" if "since_seconds" in n else "-",
-                "-" if mk.get("node_id") is None else str(mk["node_id"]),
-                mk.get("role") or "-",
-                "-" if mk.get("commit") is None else str(mk["commit"]),
-                _yn(health.get("live")),
-                _yn(health.get("ready")),
-                _yn(health.get("write")),
-                "-" if free is None else f"{free / (1 << 30):.1f}G",
+                n["name"] + (" (me)" if n.get("self") else ""),
+                n.get("role") or "-",
+                n.get("class") or "-",
+                _opt(n.get("since_seconds"), "{:.0f}s"),
+                _opt(n.get("node_id")),
+                n.get("minkms_role") or "-",
+                _opt(n.get("commit")),
+                _opt(n.get("lag")),
+                "*" if n.get("anchor") else "",
+                "-" if n.get("self") else ("never" if age is None else f"{age:.1f}s ago"),
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    for n in status["nodes"]:
-        if n.get("reason"):
-            lines.append(f"\n{n['name']}: {n['reason']}")
+    lines += _table(rows)
+    for n in status.get("nodes", []):
+        if n.get("reason") and n.get("class") != "HEALTHY":
+            lines.append(f"  {n['name']}: {n['reason']}")
+        if n.get("error") and not n.get("self"):
+            lines.append(f"  {n['name']}: {n['error']}")
+    local = status.get("local")
+    if local and local.get("health") is not None:
+        health, storage = local.get("health", {}), local.get("storage", {})
+        free = storage.get("free_bytes")
+        lines += [
+            "",
+            f"this host: minkms {local.get('host') or '-'}   live {_yn(health.get('live'))}   "
+            f"ready {_yn(health.get('ready'))}   write {_yn(health.get('write'))}   "
+            f"free {'-' if free is None else f'{free / (1 << 30):.1f}G'}   "
+            f"service {local.get('service', {}).get('state', '?')}",
+        ]
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Awaitable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from aiohttp import web
 
 from agent import __version__
 from agent.config import Config, ConfigError, load_config, read_secret, split_hostport
+from agent.coordination import Coordinator
 from agent.core.classify import (
     Thresholds,
     Tracked,
@@ -31,6 +33,7 @@ from agent.core.classify import (
     restarts_within,
     track,
 )
+from agent.core.messages import NodeReport
 from agent.core.model import (
     MarkerState,
     MinkmsView,
@@ -43,6 +46,7 @@ from agent.io.control import Access, ControlServer, json_response
 from agent.io.metrics import Metric, MetricsServer
 from agent.io.minkms import Minkms, MinkmsSettings
 from agent.io.notify import Notifier, watchdog_forever
+from agent.io.peers import PeerClient, PeerServer
 from agent.io.service import LabSupervisor, ServiceControl, Systemd
 from agent.io.storage import Marker, probe_storage, write_marker
 
@@ -74,8 +78,16 @@ def build_minkms(cfg: Config) -> Minkms:
 class Agent:
     """The state of one agent between probe rounds. Everything it serves is derived from here."""
 
-    def __init__(self, cfg: Config, service: ServiceControl, minkms: Minkms, notifier: Notifier) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        service: ServiceControl,
+        minkms: Minkms,
+        notifier: Notifier,
+        coordinator: Coordinator,
+    ) -> None:
         self.cfg = cfg
+        self.coordinator = coordinator
         self.service = service
         self.minkms = minkms
         self.notifier = notifier
@@ -132,7 +144,10 @@ class Agent:
         return obs
 
     def decide(self, obs: Observation) -> Verdict:
-        verdict = classify_local(obs, self.my_host, None, Thresholds(self.cfg.timings.crash_loop_restarts))
+        reference = self.coordinator.reference(obs.at)
+        verdict = classify_local(
+            obs, self.my_host, reference, Thresholds(self.cfg.timings.crash_loop_restarts)
+        )
         previous = self.tracked.verdict.cls if self.tracked else None
         self.tracked = track(self.tracked, verdict, obs.at)
         self.observation = obs
@@ -164,22 +179,46 @@ class Agent:
 
     async def round(self) -> None:
         if self.cfg.is_witness:
-            self.notifier.status(f"witness of cluster {self.cfg.cluster}")
+            self.notifier.status(self.status_line())
             return
         obs = await self.observe()
         verdict = self.decide(obs)
         self.maintain_marker(obs, verdict)
         self.notifier.status(self.status_line())
 
+    def node_report(self, now: float) -> NodeReport | None:
+        """What this agent tells its peers about its own node; None on a witness or before the first round."""
+        if self.tracked is None or self.observation is None:
+            return None
+        verdict = self.tracked.verdict
+        me = self.observation.minkms.node_by_host(self.my_host)
+        return NodeReport(
+            cls=verdict.cls.value,
+            reason=verdict.reason,
+            held_seconds=round(held_for(self.tracked, now), 3),
+            host=self.my_host,
+            node_id=me.node_id if me else None,
+            role=me.role if me else "",
+            commit=me.commit if me else None,
+            leader_id=me.leader_id if me else None,
+            members=me.members if me else (),
+        )
+
     # ---- presentation -----------------------------------------------------------------------------------
     def status_line(self) -> str:
+        now = time.monotonic()
+        election = self.coordinator.election
+        anchor = election.anchor_hint(now)
+        lead = f"; anchor {anchor}, term {election.term}" if anchor else f"; no anchor (term {election.term})"
+        if self.cfg.is_witness:
+            return f"witness of cluster {self.cfg.cluster}{lead}"
         if self.tracked is None or self.observation is None:
             return "starting: no observation yet"
         t = self.tracked
-        held = held_for(t, time.monotonic())
+        held = held_for(t, now)
         me = self.observation.minkms.node_by_host(self.my_host)
         where = f"; node {me.node_id}, {me.role}, commit {me.commit}" if me else ""
-        return f"{t.verdict.cls} for {human_duration(held)}: {t.verdict.reason}{where}"
+        return f"{t.verdict.cls} for {human_duration(held)}: {t.verdict.reason}{where}{lead}"
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -219,7 +258,8 @@ class Agent:
             "config": str(self.cfg.path),
             "uptime_seconds": round(now - self.started, 3),
             "status_line": self.status_line(),
-            "nodes": [node],
+            "local": node,
+            **self.coordinator.status(now),
         }
 
     def metrics(self) -> list[Metric]:
@@ -306,6 +346,7 @@ class Daemon:
         self.agent: Agent | None = None
         self.control: ControlServer | None = None
         self.metrics_server: MetricsServer | None = None
+        self.peer_server: PeerServer | None = None
         self.stop_event = asyncio.Event()
         self.reload_lock = asyncio.Lock()
 
@@ -318,13 +359,21 @@ class Daemon:
             return 1
         for warning in cfg.warnings:
             log.warning(logs.kv(event="config_warning", message=warning))
-        self.agent = Agent(cfg, build_service(cfg), build_minkms(cfg), self.notifier)
+        try:
+            os.makedirs(cfg.state.dir, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            log.error(logs.kv(event="state_dir_failed", path=cfg.state.dir, error=exc))
+            print(f"cannot create state.dir {cfg.state.dir}: {exc}", file=sys.stderr)
+            return 1
+        self.agent = self._agent(cfg, self._coordinator(cfg))
+        self.peer_server = PeerServer(cfg, self.agent.coordinator.routes())
         self.control = ControlServer(Path(cfg.control.socket), cfg.control.group)
         self.control.route("GET", "/v1/status", Access.READ, self._status)
         self.control.route("GET", "/v1/version", Access.READ, self._version)
         self.control.route("POST", "/v1/reload", Access.ADMIN, self._reload)
         try:
             await self.control.start()
+            await self.peer_server.start()
             if cfg.metrics.address:
                 host, port = split_hostport(cfg.metrics.address)
                 self.metrics_server = MetricsServer(
@@ -345,7 +394,10 @@ class Daemon:
                 event="started", agent=cfg.name, cluster=cfg.cluster, version=__version__, pid=os.getpid()
             )
         )
-        tasks = [asyncio.ensure_future(self._observe_forever())]
+        tasks = [
+            asyncio.ensure_future(self._observe_forever()),
+            asyncio.ensure_future(self._coordinate_forever()),
+        ]
         if self.notifier.watchdog_interval:
             tasks.append(
                 asyncio.ensure_future(watchdog_forever(self.notifier, self.notifier.watchdog_interval))
@@ -361,13 +413,26 @@ class Daemon:
         await self._close()
         return 0
 
+    def _coordinator(self, cfg: Config) -> Coordinator:
+        def probe(host: str) -> Awaitable[bool | None]:
+            assert self.agent is not None
+            return self.agent.minkms.probe_live(host)
+
+        return Coordinator(cfg, PeerClient(cfg), probe, time.monotonic())
+
+    def _agent(self, cfg: Config, coordinator: Coordinator) -> Agent:
+        return Agent(cfg, build_service(cfg), build_minkms(cfg), self.notifier, coordinator)
+
     async def _close(self) -> None:
         if self.control:
             await self.control.stop()
+        if self.peer_server:
+            await self.peer_server.stop()
         if self.metrics_server:
             await self.metrics_server.stop()
         if self.agent:
             await self.agent.minkms.close()
+            await self.agent.coordinator.close()
 
     async def _observe_forever(self) -> None:
         while True:
@@ -383,6 +448,18 @@ class Daemon:
             interval = agent.cfg.timings.probe_interval
             await asyncio.sleep(max(0.05, interval - (time.monotonic() - started)))
 
+    async def _coordinate_forever(self) -> None:
+        """Election and reports on their own beat, so that a slow minkms command never delays a lease renewal."""
+        while True:
+            agent = self.agent
+            assert agent is not None
+            now = time.monotonic()
+            try:
+                agent.coordinator.tick(agent.node_report(now), now)
+            except Exception:  # a coordination bug must never stop the agent
+                log.exception(logs.kv(event="coordination_failed"))
+            await asyncio.sleep(agent.cfg.timings.probe_interval)
+
     async def reload(self) -> list[str]:
         """Load the config again; a bad one is rejected and the running one kept. Returns the errors."""
         async with self.reload_lock:
@@ -394,10 +471,30 @@ class Daemon:
                 log.error(logs.kv(event="reload_rejected", errors="; ".join(errors)))
                 self.notifier.ready(f"reload rejected, running config kept: {errors[0] if errors else ''}")
                 return errors
-            assert self.agent is not None
+            assert self.agent is not None and self.peer_server is not None
             old = self.agent
+            coordinator = old.coordinator
+            if _coordination(cfg) != _coordination(old.cfg):
+                # Peers, TLS or the lease changed: a new election state (its restart rule keeps it safe) and a
+                # new listener. If the listener cannot start, the old one comes back and the reload fails.
+                coordinator = self._coordinator(cfg)
+                server = PeerServer(cfg, coordinator.routes())
+                await self.peer_server.stop()
+                try:
+                    await server.start()
+                except (OSError, RuntimeError) as exc:
+                    await self.peer_server.start()
+                    await coordinator.close()
+                    error = f"peer.listen {cfg.peer.listen}: cannot listen: {exc}"
+                    log.error(logs.kv(event="reload_rejected", errors=error))
+                    self.notifier.ready(f"reload rejected, running config kept: {error}")
+                    return [error]
+                await old.coordinator.close()
+                self.peer_server = server
+            else:
+                coordinator.cfg = coordinator.client.config = cfg
             await old.minkms.close()
-            self.agent = Agent(cfg, build_service(cfg), build_minkms(cfg), self.notifier)
+            self.agent = self._agent(cfg, coordinator)
             self.agent.tracked, self.agent.restart_samples = old.tracked, old.restart_samples
             self.agent.started, self.agent.started_wall = old.started, old.started_wall
             log.info(logs.kv(event="reloaded", path=self.config_path))
@@ -420,6 +517,11 @@ class Daemon:
                 message += f" (and {len(errors) - 1} more)"
             return json_response({"error": message, "errors": errors}, 422)
         return json_response({"ok": True})
+
+
+def _coordination(cfg: Config) -> tuple[object, ...]:
+    """The settings that the peer listener and the election state are built from."""
+    return (cfg.cluster, cfg.name, cfg.agents, cfg.tls, cfg.peer, cfg.timings.lease, cfg.state.dir)
 
 
 def main(config_path: Path) -> int:

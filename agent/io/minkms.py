@@ -349,11 +349,23 @@ class Minkms:
         if session is None:
             return HealthObs()
         (live, latency), (ready, _), (write, _) = await asyncio.gather(
-            self._get(session, HEALTH_LIVE),
-            self._get(session, HEALTH_READY),
-            self._get(session, HEALTH_WRITE),
+            self._get(session, self._server + HEALTH_LIVE),
+            self._get(session, self._server + HEALTH_READY),
+            self._get(session, self._server + HEALTH_WRITE),
         )
         return HealthObs(live=live, ready=ready, write=write, latency=latency)
+
+    async def probe_live(self, host: str) -> bool | None:
+        """Whether another node's minkms answers its live probe: tells AGENT_DOWN from UNREACHABLE (DESIGN §3)."""
+        session = self._http()
+        if session is None:
+            return None
+        try:
+            url = endpoint(host) + HEALTH_LIVE
+        except ValueError:
+            return None
+        live, _ = await self._get(session, url)
+        return live
 
     def _http(self) -> aiohttp.ClientSession | None:
         if self._session is None or self._session.closed:
@@ -385,7 +397,7 @@ class Minkms:
             ctx.load_verify_locations(cafile=str(extra))
         return ctx
 
-    async def _get(self, session: aiohttp.ClientSession, path: str) -> tuple[bool | None, float | None]:
+    async def _get(self, session: aiohttp.ClientSession, url: str) -> tuple[bool | None, float | None]:
         """(status is 200, seconds to the answer), or (None, None) when nothing answered in time."""
         deadline = time.monotonic() + self.settings.probe_timeout
         for attempt in (1, 2):
@@ -393,7 +405,7 @@ class Minkms:
             try:
                 remaining = max(deadline - started, 0.001)
                 async with session.get(
-                    self._server + path, timeout=aiohttp.ClientTimeout(total=remaining), allow_redirects=False
+                    url, timeout=aiohttp.ClientTimeout(total=remaining), allow_redirects=False
                 ) as resp:
                     await resp.content.read(64 * 1024)
                     return resp.status == HEALTH_OK, time.monotonic() - started

@@ -235,8 +235,9 @@ class Lab:
                 f'[minkms]\ncli = "{wrapper}"\nserver = "{node.endpoint}"\napi_key_file = "{self.dir / "api.key"}"\n'
                 f'ca = "{self.ca_cert}"\ncommand_timeout = "10s"\nprobe_timeout = "1s"\n\n'
                 f'[tls]\nca = "{self.ca_cert}"\ncert = "{cert}"\nkey = "{key}"\n\n'
-                '[timings]\nprobe_interval = "1s"\npeer_timeout = "3s"\ncrash_loop_restarts = 3\n'
+                '[timings]\nprobe_interval = "1s"\npeer_timeout = "3s"\nlease = "5s"\ncrash_loop_restarts = 3\n'
                 'crash_loop_window = "30s"\n\n'
+                f'[peer]\nsource = "{node.ip}"\n\n'
                 f'[state]\ndir = "{base / "state"}"\n\n'
                 f'[backup]\ndir = "{base / "backups"}"\n\n'
                 f'[control]\nsocket = "{self.agent_socket(node)}"\n\n'
@@ -442,7 +443,7 @@ class Lab:
             return {"class": None, "reason": AGENT_NOT_RUNNING}
         except (ControlError, OSError, http.client.HTTPException) as exc:
             return {"class": None, "reason": f"agent does not answer: {exc}"}
-        mine = (status.get("nodes") or [{}])[0] if isinstance(status, dict) else {}
+        mine = (status.get("local") or {}) if isinstance(status, dict) else {}
         if not isinstance(mine, dict) or "class" not in mine:
             return {"class": None, "reason": "agent has not classified its node yet"}
         return {"class": mine.get("class"), "reason": mine.get("reason")}

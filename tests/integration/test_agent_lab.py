@@ -32,7 +32,7 @@ def node_status(lab: Lab, node: LabNode) -> dict[str, Any]:
         status: dict[str, Any] = call(lab.agent_socket(node), "GET", "/v1/status", timeout=5)
     except DaemonNotRunning:
         return {}
-    return status["nodes"][0] if status.get("nodes") else {}
+    return status.get("local") or {}
 
 
 def wait_class(lab: Lab, node: LabNode, cls: str, timeout: float = 40) -> dict[str, Any]:
@@ -51,8 +51,12 @@ def test_classes_from_real_faults(lab: Lab) -> None:
     assert (n1.data / ".kmagent-marker").is_file()  # identity recorded once the node was known good
 
     lab.fault(n2.name, "stop")
-    down = wait_class(lab, n2, "DOWN")
-    assert down["service"]["state"] == "inactive"
+    # DOWN may first be seen while the supervisor is still stopping it; then the service is inactive
+    wait_for(
+        lambda: (s := node_status(lab, n2)).get("class") == "DOWN" and s["service"]["state"] == "inactive",
+        40,
+        "node2's agent to see DOWN with the service inactive",
+    )
     lab.fault(n2.name, "start")
     wait_class(lab, n2, "HEALTHY")
 
@@ -77,7 +81,7 @@ def test_classes_from_real_faults(lab: Lab) -> None:
         text=True,
         timeout=30,
     )
-    assert json.loads(as_json.stdout)["nodes"][0]["class"] == "HEALTHY"
+    assert json.loads(as_json.stdout)["local"]["class"] == "HEALTHY"
 
 
 # ---- storage faults on a real (small) volume ---------------------------------------------------------------------

@@ -1,0 +1,299 @@
+"""Coordination with the peers (DESIGN §4): reports both ways, the anchor lease election, the cluster view.
+
+The decisions are `agent.core` (election, view, classify); this shell keeps their inputs, persists votes before
+they are sent, and talks to peers without ever letting a slow peer hold the loop: every send is its own task,
+at most one in flight per peer and purpose, bounded by peer_timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from agent import __version__
+from agent.config import AgentSpec, Config
+from agent.core.classify import Tracked, held_for, track
+from agent.core.election import Ballot, Election, ElectionTimings, ElectionView, refusal
+from agent.core.messages import NodeReport, Report, VoteReply, VoteRequest
+from agent.core.view import (
+    Member,
+    NodeView,
+    PeerState,
+    anchor_candidates,
+    classify_cluster,
+    fresh_report,
+    reference_membership,
+)
+from agent.io import logs
+from agent.io.durable import read_json, write_json
+from agent.io.peers import PeerClient, PeerError, Route
+
+log = logging.getLogger("kmagent")
+
+REPORT_PATH = "/v1/peer/report"
+VOTE_PATH = "/v1/peer/vote"
+
+Prober = Callable[[str], Awaitable[bool | None]]
+"""Probes a peer's minkms (its host) for liveness: True, False, or None when nothing answered."""
+
+
+def load_ballot(path: Path) -> Ballot:
+    """The persisted vote. A damaged file is reported and replaced by an empty ballot: safe, because a restarted
+    agent grants nothing for one lease (the restart rule), by which time every lease its lost vote supported
+    has ended."""
+    try:
+        data = read_json(path)
+    except (OSError, ValueError) as exc:
+        log.error(logs.kv(event="ballot_unreadable", path=path, error=exc))
+        return Ballot()
+    if data is None:
+        return Ballot()
+    term, voted_for = data.get("term") if isinstance(data, dict) else None, data.get("voted_for")
+    if type(term) is not int or term < 0 or not (voted_for is None or isinstance(voted_for, str)):
+        log.error(logs.kv(event="ballot_unreadable", path=path, error="unexpected content"))
+        return Ballot()
+    return Ballot(term, voted_for)
+
+
+def election_timings(cfg: Config) -> ElectionTimings:
+    """Non-preferred candidates wait half a lease to a lease before standing, so the preferred one goes first."""
+    lease = cfg.timings.lease
+    return ElectionTimings(lease=lease, backoff_min=lease / 2, backoff_max=lease)
+
+
+@dataclass
+class PeerLink:
+    """What this agent holds about one peer, plus the bookkeeping of talking to it."""
+
+    spec: AgentSpec
+    state: PeerState
+    boot: str = ""
+    seq: int = -1
+    error: str | None = None  # the last failure talking to it, for status
+    pushing: bool = False
+    probing: bool = False
+
+
+class Coordinator:
+    def __init__(self, cfg: Config, client: PeerClient, prober: Prober, now: float) -> None:
+        self.cfg = cfg
+        self.client = client
+        self.prober = prober
+        self.boot = secrets.token_hex(8)
+        self.seq = 0
+        self.rng = random.Random()
+        self.links = {a.name: PeerLink(a, PeerState()) for a in cfg.peers}
+        self.members = tuple(Member(a.name, a.minkms_host) for a in cfg.agents)
+        self.ballot_path = Path(cfg.state.dir) / "ballot.json"
+        self.election = Election(
+            cfg.name,
+            cfg.cluster,
+            [a.name for a in cfg.agents],
+            election_timings(cfg),
+            load_ballot(self.ballot_path),
+            started_at=now,
+            witness=cfg.is_witness,
+        )
+        self.own: NodeReport | None = None
+        self.views: tuple[NodeView, ...] = ()
+        self.tracked: dict[str, Tracked] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def routes(self) -> list[Route]:
+        return [(REPORT_PATH, Report, self.on_report), (VOTE_PATH, VoteRequest, self.on_vote)]
+
+    # ---- what peers send us -------------------------------------------------------------------------------
+    async def on_report(self, peer: str, report: Report) -> Report:
+        """Keep the latest report of `peer`; answer with ours, so one exchange refreshes both sides."""
+        self._receive(peer, report, time.monotonic())
+        return self.report(time.monotonic())
+
+    def _receive(self, peer: str, report: Report, now: float) -> None:
+        if report.sender != peer:  # identity is the certificate, never the message
+            raise web.HTTPForbidden(
+                reason=f"report names sender {report.sender!r}, certificate says {peer!r}"
+            )
+        if report.cluster != self.cfg.cluster:
+            raise web.HTTPUnprocessableEntity(reason=f"wrong cluster {report.cluster!r}")
+        link = self.links.get(peer)
+        if link is None:  # itself: a configured name, but not a peer
+            raise web.HTTPForbidden(reason="an agent does not report to itself")
+        if report.boot == link.boot and report.seq <= link.seq:
+            return  # a duplicate or a reordered older report: the newer one stands
+        link.boot, link.seq = report.boot, report.seq
+        link.state = PeerState(report, now, link.state.minkms_live)
+
+    async def on_vote(self, peer: str, req: VoteRequest) -> VoteReply:
+        if req.candidate != peer:
+            raise web.HTTPForbidden(reason=f"vote request for {req.candidate!r} sent by {peer!r}")
+        now = time.monotonic()
+        eligible = req.candidate in anchor_candidates(self.views)
+        reply, ballot = self.election.on_vote_request(req, now, eligible)
+        if ballot is not None:
+            if not await self._persist(ballot):
+                return refusal(reply, "could not persist the vote")
+            log.info(logs.kv(event="vote_granted", term=req.term, candidate=req.candidate))
+        return reply
+
+    async def _persist(self, ballot: Ballot) -> bool:
+        """fsync the vote before anyone hears of it (DESIGN §4.2)."""
+        try:
+            data = {"term": ballot.term, "voted_for": ballot.voted_for}
+            await asyncio.to_thread(write_json, self.ballot_path, data)
+        except OSError as exc:
+            log.error(logs.kv(event="vote_not_persisted", path=self.ballot_path, error=exc))
+            return False
+        return True
+
+    # ---- our side -----------------------------------------------------------------------------------------
+    def report(self, now: float) -> Report:
+        self.seq += 1
+        anchor = self.election.is_anchor(now)
+        return Report(
+            cluster=self.cfg.cluster,
+            sender=self.cfg.name,
+            seq=self.seq,
+            boot=self.boot,
+            term=self.election.term,
+            anchor=self.election.anchor_hint(now),
+            anchor_lease_seconds=round(self.election.lease_remaining(now), 3) if anchor else None,
+            node=self.own,
+            version=__version__,
+        )
+
+    def reference(self, now: float) -> dict[int, str] | None:
+        """The cluster's membership as the anchor's minkms reports it; None while no anchor is known."""
+        peers = {name: link.state for name, link in self.links.items()}
+        return reference_membership(self.election.anchor_hint(now), self.cfg.name, self.own, peers)
+
+    def tick(self, own: NodeReport | None, now: float) -> None:
+        """One coordination round: classify, elect, and send what is due. Never waits for a peer."""
+        self.own = own
+        peers = {name: link.state for name, link in self.links.items()}
+        timeout = self.cfg.timings.peer_timeout
+        self.views = classify_cluster(
+            self.members, self.cfg.name, own, peers, self.reference(now), now, timeout
+        )
+        for v in self.views:
+            if v.verdict is not None:
+                self.tracked[v.name] = track(self.tracked.get(v.name), v.verdict, now)
+        fresh = [r for p in peers.values() if (r := fresh_report(p, now, timeout)) is not None]
+        was_anchor = self.election.is_anchor(now)
+        view = ElectionView.from_reports(anchor_candidates(self.views), fresh)
+        out = self.election.tick(now, view, self.rng.random())
+        if was_anchor and not self.election.is_anchor(now):
+            log.warning(logs.kv(event="anchor_lease_lost", term=self.election.term))
+        if out is not None:
+            self._spawn(self._stand(out.request, out.ballot))
+        report = self.report(now)
+        for link in self.links.values():
+            if not link.pushing:
+                link.pushing = True
+                self._spawn(self._push(link, report))
+            if link.spec.minkms_host and fresh_report(link.state, now, timeout) is None and not link.probing:
+                link.probing = True
+                self._spawn(self._probe(link))
+
+    async def _stand(self, request: VoteRequest, ballot: Ballot | None) -> None:
+        if ballot is not None:
+            if not await self._persist(ballot):
+                self.election.persist_failed()
+                return
+            log.info(logs.kv(event="election_started", term=request.term))
+        await asyncio.gather(*(self._ask(link, request) for link in self.links.values()))
+
+    async def _ask(self, link: PeerLink, request: VoteRequest) -> None:
+        try:
+            reply = await self.client.post(link.spec, VOTE_PATH, request, VoteReply)
+        except PeerError as exc:
+            link.error = str(exc)
+            return
+        if reply.voter != link.spec.name:
+            link.error = f"vote reply names voter {reply.voter!r}"
+            return
+        was_anchor = self.election.is_anchor(time.monotonic())
+        self.election.on_vote_reply(reply, time.monotonic())
+        if not was_anchor and self.election.is_anchor(time.monotonic()):
+            log.info(logs.kv(event="anchor_elected", term=self.election.term, agent=self.cfg.name))
+
+    async def _push(self, link: PeerLink, report: Report) -> None:
+        try:
+            theirs = await self.client.post(link.spec, REPORT_PATH, report, Report)
+            self._receive(link.spec.name, theirs, time.monotonic())
+            link.error = None
+        except PeerError as exc:
+            if link.error != str(exc):
+                log.warning(logs.kv(event="peer_unreachable", peer=link.spec.name, error=exc))
+            link.error = str(exc)
+        except web.HTTPException as exc:  # their reply broke a rule we check on receipt
+            link.error = f"bad report: {exc.reason}"
+        finally:
+            link.pushing = False
+
+    async def _probe(self, link: PeerLink) -> None:
+        try:
+            assert link.spec.minkms_host is not None
+            live = await self.prober(link.spec.minkms_host)
+            link.state = PeerState(link.state.report, link.state.received_at, live)
+        finally:
+            link.probing = False
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error(logs.kv(event="peer_task_failed", error=repr(task.exception())))
+
+    async def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.client.close()
+
+    # ---- presentation -------------------------------------------------------------------------------------
+    def status(self, now: float) -> dict[str, Any]:
+        best = max((v.node.commit for v in self.views if v.node and v.node.commit is not None), default=None)
+        anchor = self.election.anchor_hint(now)
+        nodes = []
+        for v in self.views:
+            link = self.links.get(v.name)
+            t = self.tracked.get(v.name)
+            spec = self.cfg.agent(v.name)
+            n = v.node
+            nodes.append(
+                {
+                    "name": v.name,
+                    "role": spec.role if spec else "?",
+                    "host": spec.minkms_host if spec else None,
+                    "class": str(v.verdict.cls) if v.verdict else None,
+                    "reason": v.verdict.reason if v.verdict else None,
+                    "since_seconds": round(held_for(t, now), 3) if t and v.verdict else None,
+                    "node_id": n.node_id if n else None,
+                    "minkms_role": n.role if n else None,
+                    "commit": n.commit if n else None,
+                    "lag": best - n.commit if n and n.commit is not None and best is not None else None,
+                    "anchor": v.name == anchor,
+                    "report_age_seconds": round(v.report_age, 3) if v.report_age is not None else None,
+                    "self": v.name == self.cfg.name,
+                    "error": link.error if link else None,
+                }
+            )
+        return {
+            "election": self.election.status(now),
+            "anchor": anchor,
+            "term": self.election.term,
+            "nodes": nodes,
+        }
