@@ -53,6 +53,9 @@ class VoteRequest:
     cluster: str
     term: int
     candidate: str
+    round: int = (
+        0  # the candidate's request round within the term; echoed so that late grants count only for it
+    )
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class VoteReply:
     granted: bool
     reason: str  # why it was refused, for humans; "" when granted
     voter_term: int  # the highest term the voter has voted in
+    round: int = 0  # the round of the request it answers
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,7 @@ class AckReply:
     granted: bool
     reason: str
     ack: Ack | None = None
+    holding: Action | None = None  # on refusal: the different unfinished action the refuser acked (to adopt)
 
 
 @dataclass(frozen=True)
