@@ -139,10 +139,17 @@ class AckVerifier:
         """None if the ack is good, else the problem, naming the signer."""
         if now.tzinfo is None:
             raise ValueError("now must be a timezone-aware datetime")
-        signer = ack.signer if isinstance(ack.signer, str) else repr(ack.signer)
-        who = f"ack from {signer!r}"
+        shown = repr(ack.signer if isinstance(ack.signer, str) else str(ack.signer))
+        shown = shown if len(shown) <= 70 else shown[:66] + "...'"  # the signer is untrusted input
+        who = f"ack from {shown}"
         if not isinstance(ack.signer, str) or ack.signer not in self.names:
-            return f"{who}: {signer!r} is not a configured agent"
+            return f"{who}: {shown} is not a configured agent"
+        try:
+            return self._problem(ack, payload, now, who)
+        except ValueError as exc:  # a certificate that parses but holds malformed fields, read lazily
+            return f"{who}: the certificate is malformed ({exc})"
+
+    def _problem(self, ack: Ack, payload: bytes, now: datetime.datetime, who: str) -> str | None:
         if not isinstance(ack.certificate, str) or len(ack.certificate) > MAX_CERT_PEM:
             return f"{who}: the certificate is missing or too large"
         try:
@@ -152,6 +159,9 @@ class AckVerifier:
         problem = issued_by(cert, self.ca_cert)
         if problem:
             return f"{who}: the certificate is not from the cluster CA: {problem}"
+        ca_end = validity(self.ca_cert)[1]
+        if now > ca_end:
+            return f"{who}: the cluster CA certificate expired at {ca_end:%Y-%m-%d %H:%M:%S} UTC"
         start, end = validity(cert)
         if now < start:
             return f"{who}: the certificate is not valid before {start:%Y-%m-%d %H:%M:%S} UTC"

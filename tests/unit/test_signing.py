@@ -91,6 +91,10 @@ def test_validity_period(ca_dir: Path, verifier: AckVerifier) -> None:
     assert problem is not None and "'node1'" in problem and "not valid before" in problem
     assert verifier.verify(future, PAYLOAD, NOW + datetime.timedelta(days=3)) is None  # time is a parameter
 
+    ca_end = pki.validity(verifier.ca_cert)[1]
+    problem = verifier.verify(future, PAYLOAD, ca_end + datetime.timedelta(seconds=1))
+    assert problem is not None and "'node1'" in problem and "cluster CA certificate expired" in problem
+
     with pytest.raises(ValueError, match="timezone-aware"):
         verifier.verify(future, PAYLOAD, datetime.datetime(2030, 1, 1))  # naive: refused
 
@@ -152,6 +156,8 @@ def test_garbage_is_refused(
 def test_wrong_types_from_a_decoded_message_are_refused_not_raised(verifier: AckVerifier) -> None:
     problem = verifier.verify(Ack(signer=7, certificate="x", signature="y"), PAYLOAD, NOW)  # type: ignore[arg-type]
     assert problem == "ack from '7': '7' is not a configured agent"
+    problem = verifier.verify(Ack(signer="x" * 10_000, certificate="x", signature="y"), PAYLOAD, NOW)
+    assert problem is not None and len(problem) < 200 and "is not a configured agent" in problem
     problem = verifier.verify(Ack(signer="node1", certificate=None, signature="y"), PAYLOAD, NOW)  # type: ignore[arg-type]
     assert problem == "ack from 'node1': the certificate is missing or too large"
 
