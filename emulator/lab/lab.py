@@ -28,7 +28,7 @@ from emulator.hsm import SoftHSM
 from emulator.lab import pki, supervisor
 
 PORT = 7373
-FAULTS = ("disk-loss", "corrupt", "kill", "stop", "start", "agent-stop", "agent-start")
+FAULTS = ("disk-loss", "corrupt", "kill", "stop", "start", "agent-kill", "agent-stop", "agent-start")
 AGENT_NOT_RUNNING = "agent not running"
 
 
@@ -332,6 +332,8 @@ class Lab:
         wait_for(lambda: self.formed(len(nodes)), timeout, f"all {len(nodes)} nodes to form one cluster")
 
     def down(self, purge: bool = False, timeout: float = 30.0) -> None:
+        if self.exists():
+            self.heal()  # a partition must never outlive its lab
         if self.running():
             try:
                 supervisor.request(self.sock, {"op": "shutdown"}, timeout=timeout)
@@ -457,6 +459,13 @@ class Lab:
             if not self.has_agents():
                 raise LabError(f"this lab runs no agents: there is no agent of {node.name} to {kind[6:]}")
             op = kind[6:]
+            if op == "kill":  # SIGKILL: no clean stop; the supervisor restarts it, as systemd would
+                reply = supervisor.request(
+                    self.sock, {"op": "kill", "name": f"{node.name}-agent", "signal": "KILL"}
+                )
+                if not reply.get("ok"):
+                    raise LabError(f"kill the agent of {node.name}: {reply.get('error')}")
+                return f"{node.name}: kmagent killed with SIGKILL (the supervisor restarts it)"
             reply = supervisor.request(self.sock, {"op": op, "name": f"{node.name}-agent"})
             if not reply.get("ok"):
                 raise LabError(f"{op} the agent of {node.name}: {reply.get('error')}")
@@ -477,10 +486,64 @@ class Lab:
             raise LabError(f"{kind} {node.name}: {reply.get('error')}")
         return f"{node.name}: minkms {'stopped' if kind == 'stop' else 'started'}"
 
+    # ---- partitions of the agents' network ------------------------------------------------------------
+    @property
+    def _nft_table(self) -> str:
+        return "kmlab_" + str(self.meta()["subnet"]).replace(".", "_")
+
+    def partition(self, *groups: list[str]) -> str:
+        """Cut all traffic between the nodes' addresses across groups (nftables; root only).
+
+        The agents talk from their node's address (peer.source), so their links are cut; the emulated minkms
+        nodes reach each other from 127.0.0.1 and stay connected, so this is a partition of the agents.
+        """
+        names = [n for g in groups for n in g]
+        if len(set(names)) != len(names):
+            raise LabError("a node can be in one group only")
+        ips = {n: self.node(n).ip for n in names}
+        rules = [
+            f"add rule inet {self._nft_table} out ip saddr {ips[a]} ip daddr {ips[b]} drop"
+            for i, g in enumerate(groups)
+            for j, h in enumerate(groups)
+            if i != j
+            for a in g
+            for b in h
+        ]
+        self.heal()
+        script = "\n".join(
+            [
+                f"add table inet {self._nft_table}",
+                f"add chain inet {self._nft_table} out {{ type filter hook output priority 0; }}",
+                *rules,
+            ]
+        )
+        _nft(script)
+        return "partitioned: " + " | ".join(",".join(g) for g in groups)
+
+    def heal(self) -> str:
+        """Remove every partition of this lab (nothing to do when there is none)."""
+        if (
+            shutil.which("nft")
+            and subprocess.run(
+                ["nft", "list", "table", "inet", self._nft_table], capture_output=True, check=False
+            ).returncode
+            == 0
+        ):
+            _nft(f"delete table inet {self._nft_table}")
+        return "healed: no partition"
+
     def _signal(self, node: LabNode, sig: str) -> None:
         reply = supervisor.request(self.sock, {"op": "kill", "name": node.name, "signal": sig})
         if not reply.get("ok"):
             raise LabError(f"kill {node.name}: {reply.get('error')}")
+
+
+def _nft(script: str) -> None:
+    if not shutil.which("nft"):
+        raise LabError("partitions need nftables (apt-get install nftables) and root")
+    proc = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise LabError(f"nft failed: {proc.stderr.strip()}")
 
 
 def wipe(data: Path) -> None:
