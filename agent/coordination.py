@@ -32,9 +32,11 @@ from agent.core.view import (
     classify_cluster,
     fresh_report,
     reference_membership,
+    report_age,
 )
 from agent.io import logs
 from agent.io.durable import read_json, write_json
+from agent.io.metrics import Metric
 from agent.io.peers import PeerClient, PeerError, Route
 
 log = logging.getLogger("kmagent")
@@ -57,7 +59,8 @@ def load_ballot(path: Path) -> Ballot:
         return Ballot()
     if data is None:
         return Ballot()
-    term, voted_for = data.get("term") if isinstance(data, dict) else None, data.get("voted_for")
+    term = data.get("term") if isinstance(data, dict) else None
+    voted_for = data.get("voted_for") if isinstance(data, dict) else None
     if type(term) is not int or term < 0 or not (voted_for is None or isinstance(voted_for, str)):
         log.error(logs.kv(event="ballot_unreadable", path=path, error="unexpected content"))
         return Ballot()
@@ -264,6 +267,36 @@ class Coordinator:
         await self.client.close()
 
     # ---- presentation -------------------------------------------------------------------------------------
+    def metrics(self, now: float) -> list[Metric]:
+        timeout = self.cfg.timings.peer_timeout
+        ages = [(name, report_age(link.state, now)) for name, link in self.links.items()]
+        return [
+            Metric(
+                "kmagent_anchor",
+                "gauge",
+                "1 while this agent holds the anchor lease",
+                (({}, 1.0 if self.election.is_anchor(now) else 0.0),),
+            ),
+            Metric(
+                "kmagent_term",
+                "gauge",
+                "the highest election term this agent knows",
+                (({}, float(self.election.term)),),
+            ),
+            Metric(
+                "kmagent_peer_up",
+                "gauge",
+                "1 when the peer's last report is fresh (within peer_timeout)",
+                tuple(({"peer": n}, 1.0 if a is not None and a <= timeout else 0.0) for n, a in ages),
+            ),
+            Metric(
+                "kmagent_peer_report_age_seconds",
+                "gauge",
+                "seconds since the peer's last report (-1: never)",
+                tuple(({"peer": n}, -1.0 if a is None else a) for n, a in ages),
+            ),
+        ]
+
     def status(self, now: float) -> dict[str, Any]:
         best = max((v.node.commit for v in self.views if v.node and v.node.commit is not None), default=None)
         anchor = self.election.anchor_hint(now)

@@ -326,7 +326,7 @@ class Agent:
                     ((labels, held_for(self.tracked, time.monotonic())),),
                 )
             )
-        return metrics
+        return metrics + self.coordinator.metrics(time.monotonic())
 
 
 def _tri(value: bool | None) -> float:
