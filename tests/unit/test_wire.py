@@ -384,7 +384,7 @@ def test_every_message_class_is_covered() -> None:
     assert {c.__name__ for c in MESSAGE_CLASSES} >= {"Report", "VoteRequest", "AckRequest", "Certificate"}
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(MESSAGE_CLASSES).flatmap(_strategy))
 def test_round_trip_of_any_valid_message(msg: Any) -> None:
     body = dumps(msg)
@@ -401,7 +401,7 @@ JSON = st.recursive(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.sampled_from(MESSAGE_CLASSES), JSON)
 def test_arbitrary_json_raises_only_wire_errors(cls: type, data: object) -> None:
     try:
@@ -421,7 +421,7 @@ def _paths(data: object, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     return found
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(MESSAGE_CLASSES).flatmap(_strategy), st.data())
 def test_mutated_valid_messages_decode_exactly_or_raise_wire_error(msg: Any, draw: st.DataObject) -> None:
     """Replace one subtree of a valid message with arbitrary JSON: only WireError may come out, and when the
