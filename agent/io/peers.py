@@ -140,8 +140,8 @@ _CALLER: contextvars.ContextVar[str | None] = contextvars.ContextVar("kmagent_pe
 class PeerServer:
     """The HTTPS listener on `config.peer.listen`; routes are POSTs of one request message each.
 
-    Time limits (seconds): `request_timeout` for a whole request to arrive once its first byte has (headers
-    and body; also the TLS handshake), `keepalive_timeout` for an idle kept-alive connection. Both default from
+    Time limits (seconds): `request_timeout` for the TLS handshake, for the headers once their first byte has
+    arrived, and again for the body; `keepalive_timeout` for an idle kept-alive connection. Both default from
     `timings.peer_timeout`: a request slower than the peer timeout is worthless anyway.
     """
 
@@ -197,6 +197,11 @@ class PeerServer:
         )
         try:
             await self._site.start()
+        except OSError as exc:
+            await self.stop()
+            raise OSError(
+                exc.errno, f"peer.listen {self.config.peer.listen}: cannot listen: {_reason(exc)}"
+            ) from None
         except BaseException:
             await self.stop()
             raise
@@ -246,7 +251,7 @@ class PeerServer:
             assert peer is not None  # the middleware set it, or the request never got here
             if request.content_type != "application/json":
                 return _error(400, f"expected Content-Type application/json, got {request.content_type!r}")
-            if request.charset not in (None, "utf-8", "UTF-8"):
+            if (request.charset or "utf-8").lower() != "utf-8":
                 return _error(400, f"expected UTF-8 JSON, got charset {request.charset!r}")
             if request.content_length is not None and request.content_length > self.max_body:
                 return _error(413, f"body larger than {self.max_body} bytes", close=True)
@@ -461,6 +466,8 @@ class PeerClient:
     ) -> R:
         """POST `msg` to `peer` at `path` and decode the reply as `reply_cls`, all within `timeout` seconds
         (default: timings.peer_timeout); PeerError on any failure."""
+        if not path.startswith("/"):
+            raise ValueError(f"a peer API path starts with '/', got {path!r}")
         limit = self.config.timings.peer_timeout if timeout is None else timeout
         body = wire.dumps(msg)  # a WireError here is our own bug: let it surface as such
         url = f"https://{peer.address}{path}"

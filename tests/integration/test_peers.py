@@ -636,3 +636,14 @@ def test_fuzzed_requests_get_4xx_and_the_server_keeps_answering(
         assert isinstance(answer.get("error"), str) and answer["error"]
     status, answer = loop.run_until_complete(send(session, server.port, "/v1/vote", wire.dumps(VOTE)))
     assert status == 200 and answer["granted"] is True
+
+
+async def test_a_busy_listen_address_is_a_clear_error(
+    start_server: Started, tmp_path: Path, certs: PKI, ports: dict[str, int]
+) -> None:
+    await start_server("km1")
+    second = PeerServer(make_config(tmp_path, certs, ports, "km1"), [])
+    with pytest.raises(
+        OSError, match=r"^\[Errno \d+\] peer.listen 127\.0\.0\.1:\d+: cannot listen: Address already in use"
+    ):
+        await second.start()
