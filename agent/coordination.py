@@ -110,6 +110,7 @@ class Coordinator:
         self.views: tuple[NodeView, ...] = ()
         self.tracked: dict[str, Tracked] = {}
         self.tasks: set[asyncio.Task[None]] = set()
+        self.ballot_lock = asyncio.Lock()
 
     def routes(self) -> list[Route]:
         return [(REPORT_PATH, Report, self.on_report), (VOTE_PATH, VoteRequest, self.on_vote)]
@@ -138,17 +139,21 @@ class Coordinator:
     async def on_vote(self, peer: str, req: VoteRequest) -> VoteReply:
         if req.candidate != peer:
             raise web.HTTPForbidden(reason=f"vote request for {req.candidate!r} sent by {peer!r}")
-        now = time.monotonic()
         eligible = req.candidate in anchor_candidates(self.views)
-        reply, ballot = self.election.on_vote_request(req, now, eligible)
-        if ballot is not None:
-            if not await self._persist(ballot):
-                return refusal(reply, "could not persist the vote")
-            log.info(logs.kv(event="vote_granted", term=req.term, candidate=req.candidate))
+        async with self.ballot_lock:  # decide and persist as one step: no second grant before the fsync
+            reply, ballot = self.election.on_vote_request(req, time.monotonic(), eligible)
+            if ballot is not None:
+                if not await self._persist():
+                    self.election.persist_failed()
+                    return refusal(reply, "could not persist the vote")
+                log.info(logs.kv(event="vote_granted", term=req.term, candidate=req.candidate))
         return reply
 
-    async def _persist(self, ballot: Ballot) -> bool:
-        """fsync the vote before anyone hears of it (DESIGN §4.2)."""
+    async def _persist(self) -> bool:
+        """fsync the election's current ballot before anyone hears of it (DESIGN §4.2); hold ballot_lock.
+
+        Always the current one: a file written later never holds an older ballot than one written before."""
+        ballot = self.election.ballot
         try:
             data = {"term": ballot.term, "voted_for": ballot.voted_for}
             await asyncio.to_thread(write_json, self.ballot_path, data)
@@ -208,9 +213,12 @@ class Coordinator:
 
     async def _stand(self, request: VoteRequest, ballot: Ballot | None) -> None:
         if ballot is not None:
-            if not await self._persist(ballot):
-                self.election.persist_failed()
-                return
+            async with self.ballot_lock:
+                if self.election.ballot != ballot:
+                    return  # a vote for another candidate came first: this candidacy is over
+                if not await self._persist():
+                    self.election.persist_failed()
+                    return
             log.info(logs.kv(event="election_started", term=request.term))
         await asyncio.gather(*(self._ask(link, request) for link in self.links.values()))
 

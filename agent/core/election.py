@@ -281,10 +281,12 @@ class Election:
         if live or not me_eligible:
             self._no_anchor_since = None
             return None
+        if self.restarting(now):
+            return None  # the back-off starts once it may vote again, so the preferred candidate still goes first
         if self._no_anchor_since is None:
             self._no_anchor_since = now
             self._backoff = self.timings.backoff(rand)
-        if self.restarting(now) or now < self._wait_until:
+        if now < self._wait_until:
             return None
         if not preferred and now < self._no_anchor_since + self._backoff:
             return None

@@ -347,7 +347,7 @@ class SimAgent:
         elif isinstance(msg, AckReply):
             self.on_ack_reply(msg, now)
         elif isinstance(msg, Execute):
-            self.on_execute(msg.cert)
+            self.on_execute(src, msg.cert)
         elif isinstance(msg, Abort):
             self.on_abort(msg.action)
         elif isinstance(msg, Finished):
@@ -465,12 +465,17 @@ class SimAgent:
                 return Action(f"rejoin-{n}-{self.name}-{self.sim.action_no}", "REJOIN", n)
         return None
 
-    def on_execute(self, cert: Certificate) -> None:
-        """The target's destructive step: only with a valid certificate naming it, never twice."""
+    def on_execute(self, src: str, cert: Certificate) -> None:
+        """The target's destructive step: only with a valid certificate naming it, never twice. A request for a
+        step already done is answered with Finished again: the first notice may have been lost."""
         problems = certificate_problems(
             cert, CLUSTER, self.sim.cfg.names, quorum(self.sim.cfg.agents), sim_verify
         )
-        if problems or cert.action.target != self.name or cert.action.id in self.disk.finished:
+        if problems or cert.action.target != self.name:
+            return
+        if cert.action.id in self.disk.finished:
+            if src != self.name:
+                self.sim.send(self.name, src, Finished(cert.action.id))
             return
         self.sim.checker.destructive_step(self, cert)
         self.sim.lost[self.name] = False  # fence, quarantine, rm, fresh start, add: back as a member
