@@ -74,9 +74,12 @@ def classify_local(
     # 2. CORRUPT: crash loop with state present (state presence is guaranteed by rule 1, checked again for clarity).
     # Not when the volume itself is broken: CORRUPT leads to a REJOIN that quarantines the state, which cannot
     # help a read-only or failing volume and would throw away state that may be intact. That is DOWN, for a human.
+    # Nor when minkms answers live and ready right now: the loop is over, and restarts that are still inside the
+    # window must not carry a recovered node to a REJOIN.
     restarts = obs.service.restarts_in_window
     broken = _storage_broken(obs)
-    if restarts >= thresholds.crash_loop_restarts and not obs.storage.empty:
+    recovered = obs.health.live is True and obs.health.ready is True
+    if restarts >= thresholds.crash_loop_restarts and not obs.storage.empty and not recovered:
         if broken:
             return Verdict(
                 NodeClass.DOWN,

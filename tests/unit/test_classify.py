@@ -163,14 +163,32 @@ LOCAL_CASES: list[tuple[str, Observation, Mapping[int, str] | None, NodeClass, s
     # the fresh-cluster check needs the local view
     ("fresh-undetectable-on-error", obs(minkms=ERR_VIEW), REF3, C.HEALTHY, "cluster status unavailable"),
     # 2. CORRUPT
-    ("corrupt-at-threshold", obs(restarts=3), REF3, C.CORRUPT, "3 restarts within the crash-loop window"),
-    ("corrupt-above-threshold", obs(restarts=4), REF3, C.CORRUPT, "4 restarts within"),
+    (
+        "corrupt-at-threshold",
+        obs(live=None, restarts=3),
+        REF3,
+        C.CORRUPT,
+        "3 restarts within the crash-loop window",
+    ),
+    ("corrupt-above-threshold", obs(live=None, restarts=4), REF3, C.CORRUPT, "4 restarts within"),
     ("corrupt-below-threshold-is-healthy", obs(restarts=2), REF3, C.HEALTHY, "storage ok"),
     ("corrupt-beats-down-failed", obs(restarts=3, state=S.FAILED, live=None), REF3, C.CORRUPT, "with state"),
-    ("corrupt-beats-down-activating", obs(restarts=5, state=S.ACTIVATING), REF3, C.CORRUPT, "5 restarts"),
+    (
+        "corrupt-beats-down-activating",
+        obs(live=None, restarts=5, state=S.ACTIVATING),
+        REF3,
+        C.CORRUPT,
+        "5 restarts",
+    ),
     ("corrupt-beats-not-live", obs(restarts=3, live=False), REF3, C.CORRUPT, "3 restarts"),
-    ("corrupt-beats-evicted", obs(restarts=3), REF_WITHOUT_ME, C.CORRUPT, "3 restarts"),
-    ("corrupt-beats-degraded", obs(restarts=3, ready=False, low_space=True), REF3, C.CORRUPT, "3 restarts"),
+    ("corrupt-beats-evicted", obs(live=None, restarts=3), REF_WITHOUT_ME, C.CORRUPT, "3 restarts"),
+    (
+        "corrupt-beats-degraded",
+        obs(live=None, restarts=3, ready=False, low_space=True),
+        REF3,
+        C.CORRUPT,
+        "3 restarts",
+    ),
     # 2'. a crash loop on a broken volume is not corruption: no REJOIN can fix the volume (DOWN, for an operator)
     (
         "crash-loop-read-only-is-down",
@@ -183,6 +201,7 @@ LOCAL_CASES: list[tuple[str, Observation, Mapping[int, str] | None, NodeClass, s
         "crash-loop-read-only-names-it",
         obs(
             restarts=4,
+            live=None,
             read_only=True,
             probe_ok=False,
             storage_error="write probe failed: Read-only file system",
@@ -191,26 +210,60 @@ LOCAL_CASES: list[tuple[str, Observation, Mapping[int, str] | None, NodeClass, s
         C.DOWN,
         "storage probe failed: write probe failed: Read-only file system; storage is read-only",
     ),
-    ("crash-loop-read-only-flag-only", obs(restarts=3, read_only=True), REF3, C.DOWN, "storage is read-only"),
+    (
+        "crash-loop-read-only-flag-only",
+        obs(live=None, restarts=3, read_only=True),
+        REF3,
+        C.DOWN,
+        "storage is read-only",
+    ),
     (
         "crash-loop-probe-failed",
-        obs(restarts=5, state=S.FAILED, probe_ok=False, storage_error="fsync: EIO"),
+        obs(live=None, restarts=5, state=S.FAILED, probe_ok=False, storage_error="fsync: EIO"),
         REF3,
         C.DOWN,
         "on broken storage (storage probe failed: fsync: EIO)",
     ),
-    ("crash-loop-broken-needs-operator", obs(restarts=3, probe_ok=False), REF3, C.DOWN, "needs an operator"),
-    ("crash-loop-broken-live-not-corrupt", obs(restarts=3, read_only=True), None, C.DOWN, "not treated as"),
-    ("crash-loop-broken-evicted-too", obs(restarts=3, probe_ok=False), REF_WITHOUT_ME, C.DOWN, "broken"),
-    ("crash-loop-low-space-only-is-corrupt", obs(restarts=3, low_space=True), REF3, C.CORRUPT, "3 restarts"),
+    (
+        "crash-loop-broken-needs-operator",
+        obs(live=None, restarts=3, probe_ok=False),
+        REF3,
+        C.DOWN,
+        "needs an operator",
+    ),
+    (
+        "crash-loop-broken-not-corrupt",
+        obs(live=None, restarts=3, read_only=True),
+        None,
+        C.DOWN,
+        "not treated as",
+    ),
+    # the loop is over when minkms answers live and ready: restarts still in the window carry nothing
+    ("crash-loop-over-live-ready", obs(restarts=3), REF3, C.HEALTHY, "storage ok"),
+    ("crash-loop-over-live-ready-read-only", obs(restarts=3, read_only=True), REF3, C.DEGRADED, "read-only"),
+    ("crash-loop-live-not-ready-is-corrupt", obs(restarts=3, ready=False), REF3, C.CORRUPT, "3 restarts"),
+    (
+        "crash-loop-broken-evicted-too",
+        obs(live=None, restarts=3, probe_ok=False),
+        REF_WITHOUT_ME,
+        C.DOWN,
+        "broken",
+    ),
+    (
+        "crash-loop-low-space-only-is-corrupt",
+        obs(live=None, restarts=3, low_space=True),
+        REF3,
+        C.CORRUPT,
+        "3 restarts",
+    ),
     (
         "crash-loop-broken-but-empty-is-lost",
-        obs(restarts=3, empty=True, read_only=True),
+        obs(live=None, restarts=3, empty=True, read_only=True),
         REF3,
         C.STATE_LOST,
         "empty",
     ),
-    ("corrupt-no-anchor", obs(restarts=3, minkms=ERR_VIEW), None, C.CORRUPT, "3 restarts"),
+    ("corrupt-no-anchor", obs(live=None, restarts=3, minkms=ERR_VIEW), None, C.CORRUPT, "3 restarts"),
     # 3. DOWN
     ("down-failed", obs(state=S.FAILED), REF3, C.DOWN, "service is failed"),
     ("down-inactive", obs(state=S.INACTIVE), REF3, C.DOWN, "service is inactive"),
@@ -320,18 +373,18 @@ def test_fresh_cluster_reason_is_exact() -> None:
 @pytest.mark.parametrize(
     ("k", "restarts", "expected"),
     [
-        (1, 0, C.HEALTHY),
+        (1, 0, C.DOWN),
         (1, 1, C.CORRUPT),
-        (3, 2, C.HEALTHY),
+        (3, 2, C.DOWN),
         (3, 3, C.CORRUPT),
-        (5, 4, C.HEALTHY),
+        (5, 4, C.DOWN),
         (5, 5, C.CORRUPT),
         (5, 6, C.CORRUPT),
     ],
     ids=["k1-0", "k1-1", "k3-2", "k3-3", "k5-4", "k5-5", "k5-6"],
 )
 def test_crash_loop_threshold_boundary(k: int, restarts: int, expected: NodeClass) -> None:
-    assert local(obs(restarts=restarts), k=k).cls is expected
+    assert local(obs(restarts=restarts, live=None), k=k).cls is expected
 
 
 def test_default_threshold_is_three() -> None:
@@ -397,12 +450,13 @@ def test_classify_local_total_over_all_field_combinations() -> None:
         assert v.reason and "\n" not in v.reason
         if empty or marker in (M.MISSING, M.MISMATCH):
             assert v.cls is C.STATE_LOST
+        recovered = live is True and ready is True
         if v.cls is C.CORRUPT:
-            assert restarts >= 3 and not empty and probe_ok and not read_only
-        if restarts >= 3 and (read_only or not probe_ok) and v.cls is not C.STATE_LOST:
+            assert restarts >= 3 and not empty and probe_ok and not read_only and not recovered
+        if restarts >= 3 and (read_only or not probe_ok) and not recovered and v.cls is not C.STATE_LOST:
             assert v.cls is C.DOWN and "needs an operator" in v.reason
         if v.cls in (C.EVICTED, C.DEGRADED, C.HEALTHY):
-            assert state is S.ACTIVE and live is True and restarts < 3
+            assert state is S.ACTIVE and live is True and (restarts < 3 or ready is True)
         if v.cls is C.HEALTHY:
             assert ready is True and probe_ok and not read_only and not low_space
     assert n == 6 * 3 * 3 * 2 * 2 * 2 * 2 * 4 * 2 * len(_VIEWS) * len(_REFS)
