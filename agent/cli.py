@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +39,21 @@ def _socket_path(args: argparse.Namespace) -> Path:
     explicit = args.socket or os.environ.get("KMAGENT_SOCKET")
     if explicit:
         return Path(explicit)
-    try:
-        from agent.config import load_config
+    from agent.config import ConfigError, load_config
 
-        return Path(load_config(_config_path(args), check_files=False).control.socket)
-    except Exception:  # an unreadable config must not stop `status` from trying the default socket
+    path = _config_path(args)
+    try:
+        return Path(load_config(path, check_files=False).control.socket)
+    except ConfigError:
+        pass  # e.g. a bad edit before `kmagent reload`: the running daemon still listens where the file says
+    except OSError:
         return Path(DEFAULT_SOCKET)
+    try:
+        with open(path, "rb") as f:
+            socket = tomllib.load(f).get("control", {}).get("socket")
+    except (OSError, ValueError, AttributeError):
+        socket = None
+    return Path(socket) if isinstance(socket, str) and socket.startswith("/") else Path(DEFAULT_SOCKET)
 
 
 def _call(args: argparse.Namespace, method: str, route: str, timeout: float = 30.0) -> Any:
