@@ -176,6 +176,7 @@ class Coordinator:
             anchor_lease_seconds=round(self.election.lease_remaining(now), 3) if anchor else None,
             node=self.own,
             version=__version__,
+            restarting=self.election.restarting(now),
         )
 
     def reference(self, now: float) -> dict[int, str] | None:
@@ -196,7 +197,10 @@ class Coordinator:
                 self.tracked[v.name] = track(self.tracked.get(v.name), v.verdict, now)
         fresh = [r for p in peers.values() if (r := fresh_report(p, now, timeout)) is not None]
         was_anchor = self.election.is_anchor(now)
-        view = ElectionView.from_reports(anchor_candidates(self.views), fresh)
+        # A restarting agent cannot stand: passing over it lets the next one go without a back-off.
+        restarting = {r.sender for r in fresh if r.restarting}
+        eligible = tuple(c for c in anchor_candidates(self.views) if c not in restarting)
+        view = ElectionView.from_reports(eligible, fresh)
         out = self.election.tick(now, view, self.rng.random())
         if was_anchor and not self.election.is_anchor(now):
             log.warning(logs.kv(event="anchor_lease_lost", term=self.election.term))
@@ -231,6 +235,8 @@ class Coordinator:
         if reply.voter != link.spec.name:
             link.error = f"vote reply names voter {reply.voter!r}"
             return
+        if not reply.granted and request.round == 1:  # a renewal refused is visible as a lost lease
+            log.info(logs.kv(event="vote_refused", term=request.term, voter=reply.voter, reason=reply.reason))
         was_anchor = self.election.is_anchor(time.monotonic())
         self.election.on_vote_reply(reply, time.monotonic())
         if not was_anchor and self.election.is_anchor(time.monotonic()):

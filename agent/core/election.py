@@ -192,6 +192,7 @@ class Election:
         self._attempt_sent = -math.inf
         self._last_round_sent = -math.inf
         self._lease_end = -math.inf
+        self._held_until = -math.inf  # the natural end of the last lease won, kept across a step-down
         self._max_term = ballot.term
         self._no_anchor_since: float | None = None
         self._backoff = 0.0
@@ -343,6 +344,7 @@ class Election:
         end = rnd.sent + self.timings.candidate_lease
         if end > now:
             self._lease_end = max(self._lease_end, end)
+            self._held_until = max(self._held_until, end)
             self._role = Role.ANCHOR
 
     # -- voter -----------------------------------------------------------------------------------------------
@@ -362,9 +364,10 @@ class Election:
         self._durable, self._ballot = self._ballot, new
         self._max_term = max(self._max_term, req.term)
         self._promise_to, self._promise_until = req.candidate, now + self.timings.lease
-        if self._role is not Role.FOLLOWER:  # only reachable once its own promise lapsed: it no longer leads
+        if self._role is not Role.FOLLOWER:  # a candidate yielding, or an anchor whose lease ran out
             self._role = Role.FOLLOWER
             self._lease_end = -math.inf
+            self._rounds.clear()
         return self._reply(req, True, ""), persist
 
     def _refusal_reason(self, req: VoteRequest, now: float, candidate_eligible: bool) -> str:
@@ -382,7 +385,13 @@ class Election:
             return f"stale term {req.term}: already voted in term {b.term}"
         if req.term == b.term and b.voted_for != req.candidate:
             return f"already voted for {b.voted_for} in term {b.term}"
-        if self._promise_to not in (None, req.candidate) and now < self._promise_until:
+        if self._promise_to == self.name:
+            # Its own vote protects only a lease it won, until that lease's natural end (even after a step-down).
+            # A candidate that never won one yields to a newer term: a refused rival would otherwise keep both
+            # waiting out a whole lease, again and again.
+            if now < self._held_until:
+                return f"I hold (or held) the anchor lease until {self._held_until - now:.1f}s from now"
+        elif self._promise_to not in (None, req.candidate) and now < self._promise_until:
             left = self._promise_until - now
             return f"promised to {self._promise_to} for {left:.1f}s more"
         if not candidate_eligible:

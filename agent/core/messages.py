@@ -44,6 +44,7 @@ class Report:
     in_flight: str | None = None  # the unfinished action id it has acked or drives
     paused: bool = False
     version: str = ""
+    restarting: bool = False  # within one lease of its start: it votes for nobody and does not stand
 
 
 @dataclass(frozen=True)

@@ -112,9 +112,10 @@ def _reported_verdict(node: NodeReport | None) -> Verdict | None:
 def anchor_candidates(views: Sequence[NodeView], max_lag: int = MAX_COMMIT_LAG) -> tuple[str, ...]:
     """Eligible anchors in order of preference (DESIGN §4.2).
 
-    Eligible: a HEALTHY member whose commit is known and not behind the best commit among HEALTHY members (by more
-    than `max_lag`: reports sample commits at different instants while writes flow). Preferred: the minkms
-    leader, then the highest commit, then config order.
+    Eligible: a HEALTHY member whose commit is known and not behind the best commit among HEALTHY members by more
+    than `max_lag` (reports sample commits at different instants while writes flow). Preferred: the minkms
+    leader, then config order. Commits within the tolerance count as equal: ordering by them would make agents
+    that sampled at different instants disagree on who goes first, and both would wait out a back-off.
     """
     healthy = [
         (i, v, v.node.commit)
@@ -128,5 +129,5 @@ def anchor_candidates(views: Sequence[NodeView], max_lag: int = MAX_COMMIT_LAG) 
         return ()
     best = max(commit for _, _, commit in healthy)
     eligible = [(i, v, commit) for i, v, commit in healthy if commit >= best - max_lag]
-    eligible.sort(key=lambda e: (e[1].node is None or e[1].node.role != LEADER_ROLE, -e[2], e[0]))
+    eligible.sort(key=lambda e: (e[1].node is None or e[1].node.role != LEADER_ROLE, e[0]))
     return tuple(v.name for _, v, _ in eligible)

@@ -33,7 +33,7 @@ class KeyValueFormatter(logging.Formatter):
             text += " " + kv(exception=self.formatException(record.exc_info).splitlines()[-1])
         if self.journald:
             return f"<{_PRIORITY.get(record.levelno, 6)}>level={record.levelname.lower()} {text}"
-        stamp = self.formatTime(record, "%Y-%m-%dT%H:%M:%S")
+        stamp = self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}"
         return f"time={stamp} level={record.levelname.lower()} {text}"
 
 

@@ -321,13 +321,30 @@ def test_persist_failed_after_tick_abandons_the_candidacy() -> None:
     assert not e.is_anchor(UP + 0.1)
 
 
-def test_candidate_votes_for_itself_with_a_promise() -> None:
+def test_candidate_votes_for_itself_and_refuses_its_own_term() -> None:
     e = make()
     e.tick(UP, view("a"), 0.0)
-    reply, _ = e.on_vote_request(req(2, "b"), UP + 1, True)
-    assert not reply.granted and "promised to a" in reply.reason
     reply, _ = e.on_vote_request(req(1, "b"), UP + 1, True)
     assert not reply.granted and "already voted for a in term 1" in reply.reason
+
+
+def test_candidate_without_a_lease_yields_to_a_newer_term_and_ignores_its_late_grants() -> None:
+    e = make()
+    e.tick(UP, view("a"), 0.0)  # stands in term 1, no quorum yet
+    reply, ballot = e.on_vote_request(req(2, "b"), UP + 1, True)
+    assert reply.granted and ballot == Ballot(2, "b") and e.role is Role.FOLLOWER
+    e.on_vote_reply(VoteReply("kc", 1, "b", True, "", 1, 1), UP + 1.1)  # its own round 1, granted late
+    assert not e.is_anchor(UP + 1.2)
+
+
+def test_former_anchor_refuses_until_its_lease_would_have_ended_even_after_stepping_down() -> None:
+    e = elected()
+    e.tick(UP + 1, view(), 0.0)  # no longer eligible in its own view: steps down at once
+    assert not e.is_anchor(UP + 1)
+    reply, _ = e.on_vote_request(req(5, "b"), UP + 2, True)
+    assert not reply.granted and "held) the anchor lease" in reply.reason
+    reply, _ = e.on_vote_request(req(5, "b"), UP + T.lease, True)
+    assert reply.granted
 
 
 def test_single_agent_cluster_is_its_own_quorum() -> None:
@@ -384,7 +401,7 @@ def test_anchor_ignores_a_claim_by_another_but_keeps_its_lease() -> None:
 def test_anchor_refuses_other_candidates_during_its_lease() -> None:
     e = elected()
     reply, _ = e.on_vote_request(req(5, "b"), UP + 2, True)
-    assert not reply.granted and "promised to a" in reply.reason
+    assert not reply.granted and "anchor lease" in reply.reason
 
 
 def test_status_is_plain_data() -> None:

@@ -87,12 +87,12 @@ def view(name: str, cls: str, commit: int | None, role: str = "Follower"):
 @pytest.mark.parametrize(
     ("views", "expected"),
     [
-        # the minkms leader first, then the highest commit, then config order
+        # the minkms leader first, then config order; commits within the tolerance count as equal
         (
             (view("a", "HEALTHY", 10), view("b", "HEALTHY", 10, "Leader"), view("c", "HEALTHY", 10)),
             ("b", "a", "c"),
         ),
-        ((view("a", "HEALTHY", 10), view("b", "HEALTHY", 12), view("c", "HEALTHY", 11)), ("b", "c", "a")),
+        ((view("a", "HEALTHY", 10), view("b", "HEALTHY", 12), view("c", "HEALTHY", 11)), ("a", "b", "c")),
         # far behind the best healthy commit: not eligible
         ((view("a", "HEALTHY", 10), view("b", "HEALTHY", 100, "Leader")), ("b",)),
         # only HEALTHY members with a known commit
