@@ -12,6 +12,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,7 @@ def main() -> None:
                 lab.fault(first, "agent-kill")
                 lab.fault(first, "agent-stop")  # and keep it down: a quick restart may win the next term
                 survivors = [n for n in names if n != first]
-                wait_for(lambda s=survivors: anchor_of(lab, s), 60, "a new anchor", interval=0.05)
+                wait_for(partial(anchor_of, lab, survivors), 60, "a new anchor", interval=0.05)
                 figures.append(time.monotonic() - killed)
                 lab.fault(first, "agent-start")
                 print(
