@@ -42,9 +42,14 @@ class Report:
     anchor_lease_seconds: float | None  # when the sender is anchor: the lease it still holds, on its clock
     node: NodeReport | None
     in_flight: str | None = None  # the unfinished action id it has acked or drives
-    paused: bool = False
     version: str = ""
     restarting: bool = False  # within one lease of its start: it votes for nobody and does not stand
+    views: tuple[tuple[str, str, float], ...] = ()  # its classification of every node: (name, class, held s)
+    # The cluster-wide pause (DESIGN §6.7) as the sender knows it: every agent adopts the state with the higher
+    # epoch, so a pause or a resume given on any host reaches all. paused_until is wall-clock epoch seconds
+    # (0: not paused); an operator's pause is a human-scale duration, so NTP-level skew does not matter.
+    pause_epoch: int = 0
+    paused_until: float = 0.0
 
 
 @dataclass(frozen=True)

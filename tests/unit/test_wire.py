@@ -63,7 +63,7 @@ def report(**node_changes: Any) -> Report:
         ),
         **node_changes,
     )
-    return Report("prod", "km1", 7, "boot-1", 3, "km1", 8.0, node, in_flight=None, paused=False, version="1")
+    return Report("prod", "km1", 7, "boot-1", 3, "km1", 8.0, node, in_flight=None, paused_until=0.0, version="1")
 
 
 def error_of(cls: type, data: object) -> str:
@@ -97,10 +97,10 @@ def test_optional_nested_message_may_be_null() -> None:
 
 def test_fields_with_defaults_may_be_omitted() -> None:
     data = encode(report())
-    for name in ("in_flight", "paused", "version"):
+    for name in ("in_flight", "paused_until", "version"):
         del data[name]
     decoded = decode(Report, data)
-    assert (decoded.in_flight, decoded.paused, decoded.version) == (None, False, "")
+    assert (decoded.in_flight, decoded.paused_until, decoded.version) == (None, 0.0, "")
 
 
 def test_int_is_accepted_for_a_float_and_becomes_a_float() -> None:
@@ -128,8 +128,8 @@ def test_a_bool_is_not_an_int() -> None:
 
 def test_an_int_is_not_a_bool() -> None:
     data = encode(report())
-    data["paused"] = 1
-    assert error_of(Report, data) == "report.paused: expected a boolean, got 1"
+    data["restarting"] = 1
+    assert error_of(Report, data) == "report.restarting: expected a boolean, got 1"
 
 
 def test_a_float_is_not_an_int() -> None:
