@@ -56,10 +56,10 @@ def _socket_path(args: argparse.Namespace) -> Path:
     return Path(socket) if isinstance(socket, str) and socket.startswith("/") else Path(DEFAULT_SOCKET)
 
 
-def _call(args: argparse.Namespace, method: str, route: str, timeout: float = 30.0) -> Any:
+def _call(args: argparse.Namespace, method: str, route: str, timeout: float = 30.0, body: Any = None) -> Any:
     from agent.io.control import call
 
-    return call(_socket_path(args), method, route, timeout=timeout)
+    return call(_socket_path(args), method, route, body=body, timeout=timeout)
 
 
 def _yn(value: object) -> str:
@@ -89,8 +89,17 @@ def render_status(status: dict[str, Any]) -> str:
             if anchor == status["agent"] and lease
             else ""
         ),
-        "",
     ]
+    paused = status.get("paused")
+    if paused:
+        until = paused.get("until", 0)
+        when = (
+            "until resumed"
+            if until >= 253402300799.0
+            else "until " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(until))
+        )
+        lines.append(f"PAUSED {when}: {paused.get('reason') or 'no reason given'} (kmagent resume ends it)")
+    lines.append("")
     rows: list[tuple[str, ...]] = [
         ("NODE", "ROLE", "CLASS", "SINCE", "ID", "MINKMS", "COMMIT", "LAG", "ANCHOR", "REPORT")
     ]
@@ -152,6 +161,31 @@ def cmd_reload(args: argparse.Namespace) -> int:
             return EXIT_FAILED
         raise
     print("reloaded")
+    return EXIT_OK
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    from agent.config import parse_duration
+
+    try:
+        seconds = parse_duration(args.duration) if args.duration is not None else None
+    except ValueError as exc:
+        print(f"kmagent pause: --for: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    answer = _call(args, "POST", "/v1/pause", body={"seconds": seconds, "reason": args.reason or ""})
+    until = answer["paused_until"]
+    when = (
+        "until resumed"
+        if seconds is None
+        else "until " + time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(until))
+    )
+    print(f"automation paused on every agent {when}: no destructive action will be proposed or agreed to")
+    return EXIT_OK
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    _call(args, "POST", "/v1/resume")
+    print("automation resumed on every agent")
     return EXIT_OK
 
 
@@ -308,6 +342,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("reload", help="reload the config; waits until applied (a bad config is rejected)")
     s.set_defaults(func=cmd_reload)
+
+    s = sub.add_parser(
+        "pause",
+        help="stop every destructive proposal and agreement, on every agent",
+        description="Pause automation cluster-wide: no agent proposes or agrees to a destructive action until "
+        "the pause expires or `kmagent resume`. Observation, elections and backups go on.",
+    )
+    s.add_argument(
+        "--for", dest="duration", metavar="D", help='how long, e.g. "30m", "2h" (default: until resumed)'
+    )
+    s.add_argument("--reason", metavar="TEXT", help="shown by kmagent status on every host")
+    s.set_defaults(func=cmd_pause)
+
+    s = sub.add_parser("resume", help="end a pause, on every agent")
+    s.set_defaults(func=cmd_resume)
 
     s = sub.add_parser("version", help="print the version")
     s.add_argument("--json", action="store_true")

@@ -67,6 +67,43 @@ def load_ballot(path: Path) -> Ballot:
     return Ballot(term, voted_for)
 
 
+FOREVER = 253402300799.0  # 9999-12-31: "paused until resumed", as a finite wall time the wire accepts
+
+
+@dataclass(frozen=True)
+class Pause:
+    """The cluster-wide pause: the higher epoch wins everywhere, so a pause or resume on any host reaches all."""
+
+    epoch: int = 0
+    until: float = 0.0  # wall clock; 0: not paused
+    reason: str = ""
+
+    def active(self, wall_now: float) -> bool:
+        return wall_now < self.until
+
+    def newer_than(self, other: Pause) -> bool:
+        return (self.epoch, self.until) > (other.epoch, other.until)
+
+
+def load_pause(path: Path) -> Pause:
+    """A damaged pause file pauses: when in doubt, do not act (the operator can resume)."""
+    try:
+        data = read_json(path)
+    except (OSError, ValueError) as exc:
+        log.error(logs.kv(event="pause_unreadable", path=path, error=exc))
+        return Pause(0, FOREVER, f"pause file {path} unreadable: resume to clear")
+    if data is None:
+        return Pause()
+    try:
+        epoch, until, reason = data["epoch"], data["until"], data["reason"]
+        if type(epoch) is not int or not isinstance(until, int | float) or not isinstance(reason, str):
+            raise TypeError("unexpected types")
+        return Pause(epoch, float(until), reason)
+    except (KeyError, TypeError) as exc:
+        log.error(logs.kv(event="pause_unreadable", path=path, error=exc))
+        return Pause(0, FOREVER, f"pause file {path} unreadable: resume to clear")
+
+
 def election_timings(cfg: Config) -> ElectionTimings:
     """Non-preferred candidates wait half a lease to a lease before standing, so the preferred one goes first."""
     lease = cfg.timings.lease
@@ -111,6 +148,8 @@ class Coordinator:
         self.tracked: dict[str, Tracked] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.ballot_lock = asyncio.Lock()
+        self.pause_path = Path(cfg.state.dir) / "pause.json"
+        self.pause = load_pause(self.pause_path)
 
     def routes(self) -> list[Route]:
         return [(REPORT_PATH, Report, self.on_report), (VOTE_PATH, VoteRequest, self.on_vote)]
@@ -135,6 +174,9 @@ class Coordinator:
             return  # a duplicate or a reordered older report: the newer one stands
         link.boot, link.seq = report.boot, report.seq
         link.state = PeerState(report, now, link.state.minkms_live)
+        theirs = Pause(report.pause_epoch, report.paused_until, report.pause_reason)
+        if theirs.newer_than(self.pause):
+            self._set_pause(theirs)
 
     async def on_vote(self, peer: str, req: VoteRequest) -> VoteReply:
         if req.candidate != peer:
@@ -177,6 +219,14 @@ class Coordinator:
             node=self.own,
             version=__version__,
             restarting=self.election.restarting(now),
+            views=tuple(
+                (v.name, v.verdict.cls.value, round(held_for(self.tracked[v.name], now), 3))
+                for v in self.views
+                if v.verdict is not None and v.name in self.tracked
+            ),
+            pause_epoch=self.pause.epoch,
+            paused_until=self.pause.until,
+            pause_reason=self.pause.reason,
         )
 
     def reference(self, now: float) -> dict[int, str] | None:
@@ -280,6 +330,28 @@ class Coordinator:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.client.close()
 
+    # ---- the cluster-wide pause (DESIGN §6.7) --------------------------------------------------------------
+    def set_pause(self, seconds: float | None, reason: str) -> Pause:
+        """Pause automation everywhere (seconds None: until resumed); reports carry it to every agent."""
+        until = FOREVER if seconds is None else time.time() + seconds
+        return self._set_pause(Pause(self.pause.epoch + 1, until, reason))
+
+    def resume(self, reason: str) -> Pause:
+        return self._set_pause(Pause(self.pause.epoch + 1, 0.0, reason))
+
+    def _set_pause(self, pause: Pause) -> Pause:
+        self.pause = pause
+        try:
+            write_json(self.pause_path, {"epoch": pause.epoch, "until": pause.until, "reason": pause.reason})
+        except OSError as exc:  # kept in memory and in reports: peers hold it too
+            log.error(logs.kv(event="pause_not_persisted", path=self.pause_path, error=exc))
+        log.warning(
+            logs.kv(
+                event="paused" if pause.until else "resumed", until=pause.until or None, reason=pause.reason
+            )
+        )
+        return pause
+
     # ---- presentation -------------------------------------------------------------------------------------
     def metrics(self, now: float) -> list[Metric]:
         timeout = self.cfg.timings.peer_timeout
@@ -338,9 +410,15 @@ class Coordinator:
                     "error": link.error if link else None,
                 }
             )
+        pause = (
+            {"until": self.pause.until, "reason": self.pause.reason}
+            if self.pause.active(time.time())
+            else None
+        )
         return {
             "election": self.election.status(now),
             "anchor": anchor,
             "term": self.election.term,
+            "paused": pause,
             "nodes": nodes,
         }

@@ -371,6 +371,8 @@ class Daemon:
         self.control.route("GET", "/v1/status", Access.READ, self._status)
         self.control.route("GET", "/v1/version", Access.READ, self._version)
         self.control.route("POST", "/v1/reload", Access.ADMIN, self._reload)
+        self.control.route("POST", "/v1/pause", Access.ADMIN, self._pause)
+        self.control.route("POST", "/v1/resume", Access.ADMIN, self._resume)
         try:
             await self.control.start()
             await self.peer_server.start()
@@ -507,6 +509,28 @@ class Daemon:
 
     async def _version(self, request: web.Request) -> web.Response:
         return json_response({"version": __version__})
+
+    async def _pause(self, request: web.Request) -> web.Response:
+        assert self.agent is not None
+        try:
+            body = await request.json()
+            seconds, reason = body.get("seconds"), body.get("reason", "")
+            if seconds is not None and (
+                not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds <= 0
+            ):
+                raise ValueError(f"seconds must be a positive number, got {seconds!r}")
+            if not isinstance(reason, str) or len(reason) > 500:
+                raise ValueError("reason must be a string of at most 500 characters")
+        except (ValueError, AttributeError) as exc:
+            return json_response({"error": f"bad pause request: {exc}"}, 400)
+        who = f"paused on {self.agent.cfg.name}" + (f": {reason}" if reason else "")
+        pause = self.agent.coordinator.set_pause(float(seconds) if seconds is not None else None, who)
+        return json_response({"paused_until": pause.until, "reason": pause.reason})
+
+    async def _resume(self, request: web.Request) -> web.Response:
+        assert self.agent is not None
+        self.agent.coordinator.resume(f"resumed on {self.agent.cfg.name}")
+        return json_response({"ok": True})
 
     async def _reload(self, request: web.Request) -> web.Response:
         errors = await self.reload()

@@ -50,6 +50,7 @@ class Report:
     # (0: not paused); an operator's pause is a human-scale duration, so NTP-level skew does not matter.
     pause_epoch: int = 0
     paused_until: float = 0.0
+    pause_reason: str = ""  # who paused, and why, for status
 
 
 @dataclass(frozen=True)

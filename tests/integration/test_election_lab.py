@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,6 +88,47 @@ def test_agents_elect_one_anchor_and_replace_a_killed_one(make_lab: Any, n: int)
     assert second != first
     lab.fault(first, "agent-start")  # back after its restart period, it follows the anchor in place
     wait_for(lambda: one_anchor_followed_by_all(lab, names) == second, 60, "the returned agent to follow")
+
+
+def test_a_pause_given_on_one_host_reaches_every_agent_and_so_does_resume(make_lab: Any) -> None:
+    lab = make_lab(3)
+    n1, n2, n3 = lab.nodes()
+    wait_for(lambda: one_anchor_followed_by_all(lab, [n.name for n in lab.nodes()]), 60, "an anchor")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "--config",
+            str(lab.agent_config(n1)),
+            "pause",
+            "--for",
+            "1h",
+            "--reason",
+            "maintenance",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0 and "paused on every agent" in proc.stdout, proc.stderr
+    for node in (n1, n2, n3):
+        paused = wait_for(
+            lambda n=node: call(lab.agent_socket(n), "GET", "/v1/status")["paused"], 30, "the pause"
+        )
+        assert "maintenance" in paused["reason"] and paused["until"] > time.time() + 3000
+    shown = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "--config", str(lab.agent_config(n2)), "status"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert "PAUSED until" in shown.stdout and "maintenance" in shown.stdout
+    call(lab.agent_socket(n3), "POST", "/v1/resume")  # resumed on another host
+    for node in (n1, n2, n3):
+        wait_for(
+            lambda n=node: call(lab.agent_socket(n), "GET", "/v1/status")["paused"] is None, 30, "the resume"
+        )
 
 
 def _can_partition() -> str | None:
