@@ -40,6 +40,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.emulator_add_cost
+	$(BIN)/python -m bench.anchor_failover
 
 fmt: $(STAMP)
 	$(BIN)/ruff check --fix .
