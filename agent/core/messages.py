@@ -51,6 +51,7 @@ class Report:
     pause_epoch: int = 0
     paused_until: float = 0.0
     pause_reason: str = ""  # who paused, and why, for status
+    finished: tuple[str, ...] = ()  # ids of the actions it recorded finished lately: ackers release them
 
 
 @dataclass(frozen=True)
@@ -136,3 +137,18 @@ def ack_payload(cluster: str, term: int, action: Action) -> bytes:
         },
     }
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@dataclass(frozen=True)
+class StepRequest:
+    """The anchor asks the target of a certified action to run one of its steps (DESIGN §4.4)."""
+
+    certificate: Certificate
+    step: str
+
+
+@dataclass(frozen=True)
+class StepReply:
+    ok: bool
+    detail: str  # what happened, or why it was refused or failed
+    progress: tuple[str, ...] = ()  # the steps of this action the target has journaled done, in order
