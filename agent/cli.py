@@ -312,6 +312,47 @@ def _add_pki_parser(sub: Any) -> None:
     s.set_defaults(func=cmd_pki, pki_func=cmd_pki_issue)
 
 
+PREFLIGHT_EPILOG = """minkms.service runs this as ExecStartPre= (kmagent-preflight.conf); no running daemon is needed.
+exit codes: 0 minkms may start, 1 refused (the reason on stderr), 2 usage or config error (start refused too)
+"""
+
+
+def cmd_preflight(args: argparse.Namespace) -> int:
+    """Allow or refuse the start of minkms; standalone: no daemon, no aiohttp (it runs before every start)."""
+    from agent import preflight
+    from agent.config import ConfigError, load_config
+
+    path = _config_path(args)
+    try:  # the TLS and key files are not needed here, and must not block minkms when missing
+        cfg = load_config(path, check_files=False)
+    except ConfigError as exc:
+        detail = "; ".join(str(issue) for issue in exc.errors)
+        print(
+            f"kmagent preflight: refusing to start minkms: invalid config {path}: {detail}", file=sys.stderr
+        )
+        return EXIT_USAGE
+    verdict = preflight.check(cfg, time.time())
+    if not verdict.ok:
+        print(f"kmagent preflight: {verdict.reason}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"kmagent preflight: ok: {verdict.reason}")
+    return EXIT_OK
+
+
+def _add_preflight_parser(sub: Any) -> None:
+    s = sub.add_parser(
+        "preflight",
+        help="check that minkms may start here (refuses on a wiped or foreign storage path)",
+        description="Refuse to start minkms when its storage path is empty or carries another identity while "
+        "the agent's record says this host belongs to a cluster, unless a REJOIN or RESTORE authorised a "
+        "fresh start: minkms on an empty directory would come up as a rogue fresh cluster.",
+        epilog=PREFLIGHT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument("--config", default=argparse.SUPPRESS, help="config file (as the global --config)")
+    s.set_defaults(func=cmd_preflight, standalone=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kmagent",
@@ -363,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_version)
 
     _add_pki_parser(sub)
+    _add_preflight_parser(sub)
     return p
 
 
@@ -372,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    if getattr(args, "standalone", False):  # runs without the daemon: none of its imports
+        return int(args.func(args))
     from agent.io.control import ControlError, DaemonNotRunning
 
     try:

@@ -278,8 +278,16 @@ class Lab:
             "log": str(base / "minkms.log"),
             "restart": "always",
             "restart_sec": float(self.meta().get("restart_sec", 0.5)),
-            "preflight": None,
+            "preflight": self.preflight(node),
         }
+
+    def preflight(self, node: LabNode) -> list[str] | None:
+        """`kmagent preflight` of the node's agent, run before each start as systemd's ExecStartPre would
+        (DESIGN §5): a node whose agent recorded its identity never starts on a wiped disk as a rogue cluster.
+        None in a lab without agents, whose nodes are the bare emulator (the demo, the runbook oracle)."""
+        if not self.has_agents():
+            return None
+        return [sys.executable, "-m", "agent.cli", "--config", str(self.agent_config(node)), "preflight"]
 
     def running(self) -> bool:
         try:

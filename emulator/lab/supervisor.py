@@ -406,9 +406,9 @@ class Supervisor:
                 rc = await self._spawn_and_wait(prog, spec.preflight, fd, env, main=False)
                 if rc is None:
                     return False
-                if rc != 0:
-                    prog.last_error = f"preflight failed with {_describe(rc)}"
-                    _log_line(fd, f"--- kmlab: {prog.last_error} ---")
+                if rc != 0:  # as systemd's ExecStartPre: no main process; the restart policy retries
+                    prog.last_error = f"preflight failed with {_describe(rc)}; its reason is in {spec.log}"
+                    _log_line(fd, f"--- kmlab: preflight failed with {_describe(rc)}: start refused ---")
                     return False
                 if prog.stop_requested.is_set():
                     return True
