@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -23,7 +23,7 @@ from agent import __version__
 from agent.config import AgentSpec, Config
 from agent.core.classify import Tracked, held_for, track
 from agent.core.election import Ballot, Election, ElectionTimings, ElectionView, refusal
-from agent.core.messages import NodeReport, Report, VoteReply, VoteRequest
+from agent.core.messages import Action, NodeReport, Report, VoteReply, VoteRequest
 from agent.core.view import (
     Member,
     NodeView,
@@ -110,6 +110,14 @@ def election_timings(cfg: Config) -> ElectionTimings:
     return ElectionTimings(lease=lease, backoff_min=lease / 2, backoff_max=lease)
 
 
+class ActionsHooks(Protocol):
+    """What the coordinator needs from the executor (agent.actions.Actions), without importing it."""
+
+    def on_peer_finished(self, finished: tuple[str, ...]) -> None: ...
+    def finished_ids(self) -> tuple[str, ...]: ...
+    def unfinished(self) -> Action | None: ...
+
+
 @dataclass
 class PeerLink:
     """What this agent holds about one peer, plus the bookkeeping of talking to it."""
@@ -148,6 +156,7 @@ class Coordinator:
         self.tracked: dict[str, Tracked] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.ballot_lock = asyncio.Lock()
+        self.actions: ActionsHooks | None = None  # set by the daemon once the executor exists
         self.pause_path = Path(cfg.state.dir) / "pause.json"
         self.pause = load_pause(self.pause_path)
 
@@ -174,6 +183,8 @@ class Coordinator:
             return  # a duplicate or a reordered older report: the newer one stands
         link.boot, link.seq = report.boot, report.seq
         link.state = PeerState(report, now, link.state.minkms_live)
+        if self.actions is not None and report.finished:
+            self.actions.on_peer_finished(report.finished)
         theirs = Pause(report.pause_epoch, report.paused_until, report.pause_reason)
         if theirs.newer_than(self.pause):
             self._set_pause(theirs)
@@ -224,10 +235,16 @@ class Coordinator:
                 for v in self.views
                 if v.verdict is not None and v.name in self.tracked
             ),
+            in_flight=self._in_flight(),
+            finished=self.actions.finished_ids() if self.actions is not None else (),
             pause_epoch=self.pause.epoch,
             paused_until=self.pause.until,
             pause_reason=self.pause.reason,
         )
+
+    def _in_flight(self) -> str | None:
+        action = self.actions.unfinished() if self.actions is not None else None
+        return action.id if action is not None else None
 
     def reference(self, now: float) -> dict[int, str] | None:
         """The cluster's membership as the anchor's minkms reports it; None while no anchor is known."""

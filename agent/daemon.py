@@ -20,6 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from agent import __version__
+from agent.actions import Actions
 from agent.config import Config, ConfigError, load_config, read_secret, split_hostport
 from agent.coordination import Coordinator
 from agent.core.classify import (
@@ -46,7 +47,7 @@ from agent.io.control import Access, ControlServer, json_response
 from agent.io.metrics import Metric, MetricsServer
 from agent.io.minkms import Minkms, MinkmsSettings
 from agent.io.notify import Notifier, watchdog_forever
-from agent.io.peers import PeerClient, PeerServer
+from agent.io.peers import PeerClient, PeerServer, Route
 from agent.io.service import LabSupervisor, ServiceControl, Systemd
 from agent.io.storage import Marker, probe_storage, write_marker
 
@@ -260,6 +261,9 @@ class Agent:
             "status_line": self.status_line(),
             "local": node,
             **self.coordinator.status(now),
+            "actions": self.coordinator.actions.status()
+            if isinstance(self.coordinator.actions, Actions)
+            else None,
         }
 
     def metrics(self) -> list[Metric]:
@@ -365,8 +369,13 @@ class Daemon:
             log.error(logs.kv(event="state_dir_failed", path=cfg.state.dir, error=exc))
             print(f"cannot create state.dir {cfg.state.dir}: {exc}", file=sys.stderr)
             return 1
-        self.agent = self._agent(cfg, self._coordinator(cfg))
-        self.peer_server = PeerServer(cfg, self.agent.coordinator.routes())
+        try:
+            self.agent = self._agent(cfg, self._coordinator(cfg))
+        except (OSError, ValueError, RuntimeError) as exc:  # TLS files, journal, state files
+            log.error(logs.kv(event="start_failed", error=exc))
+            print(f"kmagent: cannot start: {exc}", file=sys.stderr)
+            return 1
+        self.peer_server = PeerServer(cfg, self._routes(self.agent))
         self.control = ControlServer(Path(cfg.control.socket), cfg.control.group)
         self.control.route("GET", "/v1/status", Access.READ, self._status)
         self.control.route("GET", "/v1/version", Access.READ, self._version)
@@ -399,6 +408,7 @@ class Daemon:
         tasks = [
             asyncio.ensure_future(self._observe_forever()),
             asyncio.ensure_future(self._coordinate_forever()),
+            asyncio.ensure_future(self._drive_forever()),
         ]
         if self.notifier.watchdog_interval:
             tasks.append(
@@ -423,7 +433,15 @@ class Daemon:
         return Coordinator(cfg, PeerClient(cfg), probe, time.monotonic())
 
     def _agent(self, cfg: Config, coordinator: Coordinator) -> Agent:
-        return Agent(cfg, build_service(cfg), build_minkms(cfg), self.notifier, coordinator)
+        agent = Agent(cfg, build_service(cfg), build_minkms(cfg), self.notifier, coordinator)
+        if coordinator.actions is None and not cfg.is_witness:
+            coordinator.actions = Actions(cfg, coordinator, lambda: self.agent or agent)
+        return agent
+
+    @staticmethod
+    def _routes(agent: Agent) -> list[Route]:
+        actions = agent.coordinator.actions
+        return agent.coordinator.routes() + (actions.routes() if isinstance(actions, Actions) else [])
 
     async def _close(self) -> None:
         if self.control:
@@ -449,6 +467,20 @@ class Daemon:
                 log.exception(logs.kv(event="round_failed"))
             interval = agent.cfg.timings.probe_interval
             await asyncio.sleep(max(0.05, interval - (time.monotonic() - started)))
+
+    async def _drive_forever(self) -> None:
+        """The anchor's destructive work, on its own task: a step may take minutes, elections must not wait."""
+        while True:
+            agent = self.agent
+            assert agent is not None
+            try:
+                if isinstance(agent.coordinator.actions, Actions):
+                    await agent.coordinator.actions.drive_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must never stop the agent; the journal lets the next round resume
+                log.exception(logs.kv(event="drive_failed"))
+            await asyncio.sleep(agent.cfg.timings.probe_interval)
 
     async def _coordinate_forever(self) -> None:
         """Election and reports on their own beat, so that a slow minkms command never delays a lease renewal."""
@@ -480,7 +512,15 @@ class Daemon:
                 # Peers, TLS or the lease changed: a new election state (its restart rule keeps it safe) and a
                 # new listener. If the listener cannot start, the old one comes back and the reload fails.
                 coordinator = self._coordinator(cfg)
-                server = PeerServer(cfg, coordinator.routes())
+                try:
+                    candidate = self._agent(cfg, coordinator)
+                except (OSError, ValueError, RuntimeError) as exc:
+                    await coordinator.close()
+                    error = f"cannot apply the new config: {exc}"
+                    log.error(logs.kv(event="reload_rejected", errors=error))
+                    self.notifier.ready(f"reload rejected, running config kept: {error}")
+                    return [error]
+                server = PeerServer(cfg, self._routes(candidate))
                 await self.peer_server.stop()
                 try:
                     await server.start()
@@ -495,6 +535,8 @@ class Daemon:
                 self.peer_server = server
             else:
                 coordinator.cfg = coordinator.client.config = cfg
+                if isinstance(coordinator.actions, Actions):
+                    coordinator.actions.cfg = cfg
             await old.minkms.close()
             self.agent = self._agent(cfg, coordinator)
             self.agent.tracked, self.agent.restart_samples = old.tracked, old.restart_samples

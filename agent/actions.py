@@ -1,0 +1,599 @@
+"""Destructive actions (DESIGN §4.3, §4.4, §5, §6): acks on every agent, certified steps on the target, and the
+anchor driving them. Decisions are `agent.core` (guards, planner, playbooks, agreement); this shell keeps the
+journal, signs, verifies, and runs the steps against minkms, the service manager and the storage path.
+
+Every step is journaled (intent with fsync before it runs, outcome after) and idempotent, so that a crash of any
+agent at any point ends with the action resumed or cleanly closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from agent.config import Config
+from agent.core import facts as cf
+from agent.core import guards, planner, playbooks
+from agent.core.agreement import AckCollector, Held, answer_ack, certificate_problems, release
+from agent.core.classify import held_for
+from agent.core.messages import AckReply, AckRequest, Action, Certificate, StepReply, StepRequest
+from agent.core.model import NodeClass, ServiceState
+from agent.failpoints import hit
+from agent.io import logs
+from agent.io.durable import read_json, write_json
+from agent.io.journal import History, Journal, close_action
+from agent.io.peers import PeerError
+from agent.io.signing import AckVerifier, Signer
+from agent.io.storage import Marker, quarantine, write_marker
+from agent.preflight import authorise_fresh_start, revoke_fresh_start
+
+if TYPE_CHECKING:
+    from agent.coordination import Coordinator
+    from agent.daemon import Agent
+
+log = logging.getLogger("kmagent")
+
+ACK_PATH = "/v1/peer/ack"
+STEP_PATH = "/v1/peer/step"
+FINISH_STEP = "finish"  # not in the tables: the target closes its journal and releases what it held
+RECENT_FINISHED = 16  # finished action ids carried in reports, so that every acker releases them
+
+
+class StepFailed(Exception):
+    """A step did not reach its goal; the message says what was seen."""
+
+
+@dataclass
+class Drive:
+    """The anchor's work on one action in one term."""
+
+    action: Action
+    term: int
+    collector: AckCollector
+    certificate: Certificate | None = None
+    refusals: dict[str, str] = field(default_factory=dict)
+    attempts: dict[str, int] = field(default_factory=dict)
+
+
+class Actions:
+    def __init__(self, cfg: Config, coordinator: Coordinator, agent: Callable[[], Agent]) -> None:
+        self.cfg = cfg
+        self.coordinator = coordinator
+        self.agent = agent
+        state = Path(cfg.state.dir)
+        self.journal = Journal(state / "journal.jsonl", cfg.name, held_path=state / "held.json")
+        self.history = History(state / "history.jsonl")
+        self.escalated_path = state / "escalated.json"
+        self.signer = Signer.from_files(Path(cfg.tls.cert), Path(cfg.tls.key), cfg.name)
+        self.verifier = AckVerifier.from_file(Path(cfg.tls.ca), [a.name for a in cfg.agents])
+        self.held: Held | None = self.journal.load_held()
+        self.escalated: frozenset[str] = self._load_escalated()
+        self.drive: Drive | None = None
+        self.lock = asyncio.Lock()  # one ack decision or step at a time on this agent
+        self.max_cert_term = max(
+            (s.certificate.term for s in self.journal.state().actions.values()), default=0
+        )
+        self.busy = False
+
+    def routes(self) -> list[tuple[str, type[Any], Callable[[str, Any], Awaitable[object]]]]:
+        return [(ACK_PATH, AckRequest, self.on_ack), (STEP_PATH, StepRequest, self.on_step)]
+
+    # ---- facts -------------------------------------------------------------------------------------------
+    def facts(self, anchor: str | None, now: float | None = None) -> cf.ClusterFacts:
+        c = self.coordinator
+        now = time.monotonic() if now is None else now
+        reference = c.reference(now) or {}
+        by_host = {host: nid for nid, host in reference.items()}
+        nodes = []
+        for v in c.views:
+            spec = self.cfg.agent(v.name)
+            host = spec.minkms_host if spec else None
+            t = c.tracked.get(v.name)
+            nodes.append(
+                cf.NodeFacts(
+                    name=v.name,
+                    host=host,
+                    verdict=v.verdict,
+                    held_seconds=held_for(t, now) if t is not None and v.verdict is not None else 0.0,
+                    is_member=host in by_host if reference else host is not None,
+                    node_id=by_host.get(host) if host else None,
+                )
+            )
+        removed = tuple(
+            a.minkms_host
+            for a in self.cfg.members
+            if reference and a.minkms_host and a.minkms_host not in by_host
+        )
+        history = tuple(
+            cf.HistoryEntry(e.action.target, e.action.kind, e.started, e.outcome)
+            for e in self.history.entries(limit=200)
+        )
+        pause = c.pause
+        return cf.ClusterFacts(
+            me=self.cfg.name,
+            anchor=anchor,
+            term=c.election.term,
+            nodes=tuple(nodes),
+            unfinished=self.unfinished(),
+            removed=removed,
+            history=history,
+            escalated=self.escalated,
+            paused_until=pause.until if pause.active(time.time()) else 0.0,
+            now=now,
+            wall_now=time.time(),
+            timings=self.cfg.timings,
+            policy=self.cfg.policy,
+        )
+
+    def unfinished(self) -> Action | None:
+        if self.held is not None:
+            return self.held.action
+        pending = self.journal.state().unfinished()
+        return pending[0].action if pending else None
+
+    def finished_ids(self) -> tuple[str, ...]:
+        return tuple(e.action.id for e in self.history.entries(limit=RECENT_FINISHED))
+
+    def on_peer_finished(self, finished: tuple[str, ...]) -> None:
+        """A peer recorded these actions finished: release ours, and close our journal of them (a target whose
+        finish request was lost); reports carry the ids to every acker."""
+        if self.held is not None and self.held.action.id in finished:
+            self._save_held(release(self.held, self.held.action.id))
+        for state in self.journal.state().unfinished():
+            if state.action.id in finished and (
+                self.drive is None or self.drive.action.id != state.action.id
+            ):
+                detail = "closed here: the anchor recorded it finished (its history has the outcome)"
+                close_action(self.journal, self.history, state.action.id, "done", detail, ())
+                if state.action.target == self.cfg.name:
+                    revoke_fresh_start(Path(self.cfg.state.dir))
+
+    def _save_held(self, held: Held | None) -> None:
+        self.journal.save_held(held)
+        self.held = held
+
+    # ---- escalation (DESIGN §6.6) --------------------------------------------------------------------------
+    def _load_escalated(self) -> frozenset[str]:
+        try:
+            data = read_json(self.escalated_path)
+        except (OSError, ValueError) as exc:
+            log.error(logs.kv(event="escalated_unreadable", path=self.escalated_path, error=exc))
+            return frozenset(a.name for a in self.cfg.members)  # when in doubt, do not act
+        return frozenset(x for x in data if isinstance(x, str)) if isinstance(data, list) else frozenset()
+
+    def set_escalated(self, names: frozenset[str]) -> None:
+        write_json(self.escalated_path, sorted(names))
+        self.escalated = names
+
+    # ---- every agent: acks -----------------------------------------------------------------------------------
+    async def on_ack(self, peer: str, req: AckRequest) -> AckReply:
+        if req.anchor != peer:
+            raise web.HTTPForbidden(reason=f"ack request for anchor {req.anchor!r} sent by {peer!r}")
+        async with self.lock:
+            return self._answer(req)
+
+    def _answer(self, req: AckRequest) -> AckReply:
+        verdict = guards.verdict(req.action, self.facts(anchor=req.anchor))
+        reply, held = answer_ack(
+            req,
+            cluster=self.cfg.cluster,
+            ballot=self.coordinator.election.ballot,
+            verdict=verdict,
+            held=self.held,
+            sign=self.signer.sign,
+        )
+        if held is not None:
+            self._save_held(held)  # durable before the ack leaves
+        log.log(
+            logging.WARNING if reply.granted else logging.INFO,
+            logs.kv(
+                event="ack_given" if reply.granted else "ack_refused",
+                action=req.action.id,
+                kind=req.action.kind,
+                target=req.action.target,
+                term=req.term,
+                reason=reply.reason or None,
+            ),
+        )
+        return reply
+
+    # ---- the target: certified steps ---------------------------------------------------------------------
+    def certificate_problems(self, cert: Certificate) -> list[str]:
+        now = datetime.datetime.now(datetime.UTC)
+        return certificate_problems(
+            cert, self.cfg.cluster, [a.name for a in self.cfg.agents], self.cfg.quorum, self.verifier.at(now)
+        )
+
+    async def on_step(self, peer: str, req: StepRequest) -> StepReply:
+        cert, action = req.certificate, req.certificate.action
+        problems = self.certificate_problems(cert)
+        if problems:
+            raise web.HTTPForbidden(reason="certificate refused: " + "; ".join(problems)[:300])
+        if action.target != self.cfg.name:
+            raise web.HTTPForbidden(reason=f"the certificate names {action.target}, not this agent")
+        async with self.lock:
+            return await self._target_step(cert, req.step)
+
+    async def _target_step(self, cert: Certificate, step_name: str) -> StepReply:
+        action = cert.action
+        if cert.term < self.max_cert_term:
+            return StepReply(
+                False, f"refused: term {cert.term} is older than term {self.max_cert_term} already seen"
+            )
+        state = self.journal.state().get(action.id)
+        done = list(state.progress.done) if state is not None else []
+        if step_name == FINISH_STEP:
+            if state is not None and not state.finished:
+                close_action(self.journal, self.history, action.id, "done", "the anchor recorded it done", ())
+            revoke_fresh_start(Path(self.cfg.state.dir))
+            self._save_held(release(self.held, action.id))
+            return StepReply(True, "finished", tuple(done))
+        if state is not None and state.finished:
+            return StepReply(True, "already finished", tuple(done))
+        try:
+            where = target_position(action.kind, step_name, done)
+        except ValueError as exc:
+            return StepReply(False, f"refused: {exc}", tuple(done))
+        if where == "behind":
+            return StepReply(
+                True, f"skipped: already past {step_name} (done: {', '.join(done)})", tuple(done)
+            )
+        if where == "repeat":
+            return StepReply(True, f"{step_name} already done", tuple(done))
+        if where == "ahead":
+            return StepReply(
+                False, f"refused: {step_name} before its earlier steps (done: {done})", tuple(done)
+            )
+        self.max_cert_term = max(self.max_cert_term, cert.term)
+        ok, detail = await self._journaled(cert, step_name, self._run_target_step)
+        state = self.journal.state().get(action.id)
+        return StepReply(ok, detail, tuple(state.progress.done) if state else ())
+
+    async def _journaled(
+        self,
+        cert: Certificate,
+        step_name: str,
+        run: Callable[[Action, str], Awaitable[str]],
+    ) -> tuple[bool, str]:
+        action = cert.action
+        if self.journal.state().get(action.id) is None:
+            self.journal.begin(action, cert, "anchor" if action.target != self.cfg.name else "target")
+        self.journal.intent(action, step_name, cert.term, cert)
+        hit(f"{action.kind}.{step_name}.intent")
+        log.warning(logs.kv(event="step_started", action=action.id, step=step_name, target=action.target))
+        try:
+            detail = await run(action, step_name)
+            ok = True
+        except (StepFailed, OSError, RuntimeError, ValueError) as exc:
+            ok, detail = False, str(exc)
+        hit(f"{action.kind}.{step_name}.outcome")
+        self.journal.outcome(action.id, step_name, ok, detail)
+        log.log(
+            logging.WARNING if ok else logging.ERROR,
+            logs.kv(
+                event="step_done" if ok else "step_failed", action=action.id, step=step_name, detail=detail
+            ),
+        )
+        return ok, detail
+
+    async def _run_target_step(self, action: Action, step_name: str) -> str:
+        agent = self.agent()
+        timeout = _step(action.kind, step_name).timeout
+        if step_name == "fence":
+            await agent.service.stop()
+            await _until(timeout, lambda: self._stopped(agent), "minkms to stop")
+            return "minkms stopped"
+        if step_name == "quarantine":
+            record = agent.marker_record
+            expected = Marker(self.cfg.cluster, agent.my_host, None, 0.0)
+            qdir = await asyncio.to_thread(
+                quarantine,
+                agent.storage_path,
+                agent.storage_path,
+                Path(self.cfg.state.dir) / "quarantine",
+                action.id,
+                require_mount=self.cfg.local.require_mount,
+                expected_marker=expected,
+                now=time.time(),
+            )
+            _ = record
+            return f"state moved to {qdir}"
+        if step_name == "start":
+            authorise_fresh_start(Path(self.cfg.state.dir), action.id, time.time() + timeout + 60)
+            await agent.service.start()
+            await _until(timeout, lambda: self._live(agent), "minkms to answer live")
+            return "minkms started fresh"
+        if step_name == "mark":
+            me = await _until(timeout, lambda: self._member_id(agent), "this node to see itself a member")
+            marker = Marker(self.cfg.cluster, agent.my_host, me, time.time())
+            await asyncio.to_thread(write_marker, agent.storage_path, marker, agent.marker_record)
+            revoke_fresh_start(Path(self.cfg.state.dir))
+            return f"identity marker written: node {me}"
+        raise StepFailed(f"{step_name} is not a step of the target")
+
+    @staticmethod
+    async def _stopped(agent: Agent) -> bool:
+        service = await agent.service.status()
+        health = await agent.minkms.probe()
+        return service.state in (ServiceState.INACTIVE, ServiceState.FAILED) and health.live is not True
+
+    @staticmethod
+    async def _live(agent: Agent) -> bool:
+        return (await agent.minkms.probe()).live is True
+
+    @staticmethod
+    async def _member_id(agent: Agent) -> int | None:
+        view = await agent.minkms.cluster_status()
+        me = view.node_by_host(agent.my_host)
+        return me.node_id if me is not None and len(me.members) > 1 else None
+
+    # ---- the anchor --------------------------------------------------------------------------------------
+    async def drive_once(self) -> None:
+        """One round of the anchor's work: decide, certify, run the next step. Called by the daemon's loop."""
+        c = self.coordinator
+        now = time.monotonic()
+        if not c.election.is_anchor(now) or self.busy:
+            self.drive = None if not c.election.is_anchor(now) else self.drive
+            return
+        facts = self.facts(anchor=self.cfg.name, now=now)
+        decision = planner.decide(facts)
+        if decision.escalate:
+            self.set_escalated(self.escalated | frozenset(decision.escalate))
+            log.error(logs.kv(event="escalated", nodes=",".join(decision.escalate)))
+        action = decision.action
+        if action is None:
+            self.drive = None
+            return
+        term = c.election.ballot.term
+        d = self.drive
+        if d is None or d.action.id != action.id or d.term != term:
+            members = [a.name for a in self.cfg.agents]
+            now_dt = datetime.datetime.now(datetime.UTC)
+            d = self.drive = Drive(
+                action, term, AckCollector(self.cfg.cluster, term, action, members, self.verifier.at(now_dt))
+            )
+            log.warning(
+                logs.kv(
+                    event="proposed",
+                    action=action.id,
+                    kind=action.kind,
+                    target=action.target,
+                    term=term,
+                    why=decision.reason,
+                )
+            )
+        self.busy = True
+        try:
+            if d.certificate is None:
+                await self._certify(d)
+            if d.certificate is not None:
+                await self._advance(d)
+        finally:
+            self.busy = False
+
+    async def _certify(self, d: Drive) -> None:
+        req = AckRequest(self.cfg.cluster, d.term, self.cfg.name, d.action)
+        if self.cfg.name not in d.collector.signers:
+            async with self.lock:
+                own = self._answer(req)
+            if own.granted and own.ack is not None:
+                d.collector.add(own.ack)
+            else:
+                d.refusals[self.cfg.name] = own.reason
+                return
+
+        async def ask(name: str) -> None:
+            spec = self.cfg.agent(name)
+            assert spec is not None
+            try:
+                reply = await self.coordinator.client.post(spec, ACK_PATH, req, AckReply)
+            except PeerError as exc:
+                d.refusals[name] = str(exc)
+                return
+            if reply.granted and reply.ack is not None:
+                problem = d.collector.add(reply.ack)
+                if problem:
+                    d.refusals[name] = problem
+            else:
+                d.refusals[name] = reply.reason
+
+        await asyncio.gather(*(ask(a.name) for a in self.cfg.peers if a.name not in d.collector.signers))
+        d.certificate = d.collector.certificate()
+        if d.certificate is not None:
+            log.warning(
+                logs.kv(
+                    event="certified", action=d.action.id, term=d.term, signers=",".join(d.collector.signers)
+                )
+            )
+        else:
+            log.info(
+                logs.kv(
+                    event="not_certified",
+                    action=d.action.id,
+                    refusals="; ".join(f"{k}: {v}" for k, v in d.refusals.items()),
+                )
+            )
+
+    async def _advance(self, d: Drive) -> None:
+        """Run the steps of the certified action, in order, checking the lease before each one."""
+        cert = d.certificate
+        assert cert is not None
+        action = cert.action
+        for step in playbooks.steps(action.kind):
+            if not self.coordinator.election.is_anchor(time.monotonic()):
+                log.warning(logs.kv(event="lease_lost_mid_action", action=action.id, step=step.name))
+                return
+            state = self.journal.state().get(action.id)
+            if state is not None and step.name in state.progress.done:
+                continue
+            if step.runs_on == "target" and action.target != self.cfg.name:
+                ok, detail = await self._remote(cert, step.name, step.timeout)
+                if ok:
+                    # mirror the target's progress in our own journal, so a resumed drive skips it
+                    await self._journaled(cert, step.name, _noop(detail))
+            else:
+                ok, detail = await self._journaled(cert, step.name, self._run_anchor_step)
+            if not ok:
+                attempts = d.attempts.get(step.name, 0) + 1
+                d.attempts[step.name] = attempts
+                if attempts < step.attempts:
+                    return  # again next round
+                await self._close(
+                    d, "aborted" if step.on_failure == "abort" else "failed", f"{step.name}: {detail}"
+                )
+                if step.on_failure == "escalate":
+                    self.set_escalated(self.escalated | {action.target})
+                return
+        await self._close(d, "done", "every step done")
+
+    async def _remote(self, cert: Certificate, step_name: str, timeout: float) -> tuple[bool, str]:
+        spec = self.cfg.agent(cert.action.target)
+        assert spec is not None
+        try:
+            reply = await self.coordinator.client.post(
+                spec, STEP_PATH, StepRequest(cert, step_name), StepReply, timeout=timeout + 10
+            )
+        except PeerError as exc:
+            return False, str(exc)
+        return reply.ok, reply.detail
+
+    async def _close(self, d: Drive, outcome: str, detail: str) -> None:
+        cert = d.certificate
+        assert cert is not None
+        evidence = tuple(planner.decide(self.facts(anchor=self.cfg.name)).evidence)
+        if self.journal.state().get(cert.action.id) is None:
+            self.journal.begin(cert.action, cert, "anchor")
+        close_action(self.journal, self.history, cert.action.id, outcome, detail, evidence)  # type: ignore[arg-type]
+        if cert.action.target != self.cfg.name:
+            await self._remote(cert, FINISH_STEP, 30.0)
+        self._save_held(release(self.held, cert.action.id))
+        self.drive = None
+        log.warning(logs.kv(event="action_finished", action=cert.action.id, outcome=outcome, detail=detail))
+
+    async def _run_anchor_step(self, action: Action, step_name: str) -> str:
+        agent = self.agent()
+        target = self.cfg.agent(action.target)
+        assert target is not None and target.minkms_host is not None
+        host = target.minkms_host
+        timeout = _step(action.kind, step_name).timeout
+        if step_name == "remove":
+            members = await _membership(agent)
+            ids = [nid for nid, h in members.items() if h == host]
+            if not ids:
+                return f"{host} is not a member: nothing to remove"
+            result = await agent.minkms.edit_remove(agent.my_host, ids)
+            if not result.ok:
+                raise StepFailed(f"minkms edit --rm {ids}: {result.error}")
+            await _until(timeout, lambda: _is_member(agent, host, False), f"{host} to leave the membership")
+            return f"removed node {ids} ({host})"
+        if step_name == "add":
+            if host in (await _membership(agent)).values():
+                return f"{host} is already a member"
+            result = await agent.minkms.add(agent.my_host, host)
+            if not result.ok:
+                raise StepFailed(f"minkms add {host}: {result.error}")
+            await _until(timeout, lambda: _is_member(agent, host, True), f"{host} to be a member")
+            return f"added {host}"
+        if step_name == "verify":
+            if action.kind == "REJOIN":
+                await _until(timeout, lambda: self._healthy(action.target), f"{action.target} to be HEALTHY")
+            await _until(timeout, lambda: self._writable(agent), "the anchor to accept writes")
+            return "verified: writes work" + (f", {action.target} HEALTHY" if action.kind == "REJOIN" else "")
+        raise StepFailed(f"{step_name} is not a step of the anchor")
+
+    async def _healthy(self, name: str) -> bool:
+        t = self.coordinator.tracked.get(name)
+        view = next((v for v in self.coordinator.views if v.name == name), None)
+        return bool(view and view.verdict and view.verdict.cls is NodeClass.HEALTHY and t is not None)
+
+    @staticmethod
+    async def _writable(agent: Agent) -> bool:
+        return (await agent.minkms.probe()).write is True
+
+    # ---- status --------------------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        d = self.drive
+        return {
+            "in_flight": None
+            if d is None
+            else {
+                "action": d.action.id,
+                "kind": d.action.kind,
+                "target": d.action.target,
+                "term": d.term,
+                "certified": d.certificate is not None,
+                "signers": sorted(d.collector.signers),
+                "refusals": d.refusals,
+            },
+            "held": self.held.action.id if self.held else None,
+            "escalated": sorted(self.escalated),
+        }
+
+
+def target_position(kind: str, step: str, done: list[str]) -> playbooks.Position:
+    """Where a step request stands against the target's own journal, which holds only the target's steps: the
+    anchor's steps before the requested one are vouched for by the anchor (it runs them before asking)."""
+    table = playbooks.steps(kind)
+    names = [s.name for s in table]
+    if step not in names or table[names.index(step)].runs_on != "target":
+        raise ValueError(f"{kind} has no target step {step!r}")
+    mine = [s.name for s in table if s.runs_on == "target"]
+    if done != mine[: len(done)]:
+        raise ValueError(
+            f"{kind} progress {done} is not a prefix of the target's steps {mine}: the journal is damaged"
+        )
+    i, k = mine.index(step), len(done)
+    if i < k - 1:
+        return "behind"
+    if i == k - 1:
+        return "repeat"
+    return "next" if i == k else "ahead"
+
+
+def _step(kind: str, name: str) -> playbooks.Step:
+    return next(s for s in playbooks.steps(kind) if s.name == name)
+
+
+def _noop(detail: str) -> Callable[[Action, str], Awaitable[str]]:
+    async def run(_action: Action, _step: str) -> str:
+        return detail
+
+    return run
+
+
+async def _membership(agent: Agent) -> dict[int, str]:
+    """The membership as the anchor's own minkms reports it; StepFailed when it cannot be read."""
+    view = await agent.minkms.cluster_status()
+    me = view.node_by_host(agent.my_host)
+    if me is None or not me.members:
+        raise StepFailed(
+            f"cannot read the anchor's membership: {view.error or 'this node is not in its own status'}"
+        )
+    return dict(me.members)
+
+
+async def _is_member(agent: Agent, host: str, wanted: bool) -> bool:
+    try:
+        return (host in (await _membership(agent)).values()) == wanted
+    except StepFailed:
+        return False
+
+
+async def _until(timeout: float, check: Callable[[], Awaitable[Any]], what: str) -> Any:
+    """Poll `check` until it returns something truthy, within `timeout`; StepFailed naming `what` otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise StepFailed(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(0.5)
