@@ -9,7 +9,9 @@ agent at any point ends with the action resumed or cleanly closed.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
+import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -26,10 +28,11 @@ from agent.core.agreement import AckCollector, Held, answer_ack, certificate_pro
 from agent.core.classify import held_for
 from agent.core.messages import AckReply, AckRequest, Action, Certificate, StepReply, StepRequest
 from agent.core.model import NodeClass, ServiceState
+from agent.core.view import fresh_report
 from agent.failpoints import hit
 from agent.io import logs
 from agent.io.durable import read_json, write_json
-from agent.io.journal import History, Journal, close_action
+from agent.io.journal import History, HistoryEntry, Journal, close_action
 from agent.io.peers import PeerError
 from agent.io.signing import AckVerifier, Signer
 from agent.io.storage import Marker, quarantine, write_marker
@@ -43,6 +46,7 @@ log = logging.getLogger("kmagent")
 
 ACK_PATH = "/v1/peer/ack"
 STEP_PATH = "/v1/peer/step"
+HISTORY_PATH = "/v1/peer/history"
 FINISH_STEP = "finish"  # not in the tables: the target closes its journal and releases what it held
 RECENT_FINISHED = 16  # finished action ids carried in reports, so that every acker releases them
 
@@ -84,7 +88,24 @@ class Actions:
         self.busy = False
 
     def routes(self) -> list[tuple[str, type[Any], Callable[[str, Any], Awaitable[object]]]]:
-        return [(ACK_PATH, AckRequest, self.on_ack), (STEP_PATH, StepRequest, self.on_step)]
+        return [
+            (ACK_PATH, AckRequest, self.on_ack),
+            (STEP_PATH, StepRequest, self.on_step),
+            (HISTORY_PATH, HistoryEntry, self.on_history),
+        ]
+
+    async def on_history(self, peer: str, entry: HistoryEntry) -> StepReply:
+        """The anchor shares every finished action, so that `kmagent history` on any host shows it; the
+        certificate is verified like any other (a forged entry must not make an audit record)."""
+        problems = self.certificate_problems(entry.certificate)
+        if problems or entry.certificate.action != entry.action:
+            raise web.HTTPForbidden(
+                reason="history entry refused: " + ("; ".join(problems) or "action mismatch")[:300]
+            )
+        if self.history.find(entry.action.id) is None:
+            self.history.append(entry)
+        self.on_peer_finished((entry.action.id,))
+        return StepReply(True, "recorded")
 
     # ---- facts -------------------------------------------------------------------------------------------
     def facts(self, anchor: str | None, now: float | None = None) -> cf.ClusterFacts:
@@ -471,9 +492,21 @@ class Actions:
         evidence = tuple(planner.decide(self.facts(anchor=self.cfg.name)).evidence)
         if self.journal.state().get(cert.action.id) is None:
             self.journal.begin(cert.action, cert, "anchor")
-        close_action(self.journal, self.history, cert.action.id, outcome, detail, evidence)  # type: ignore[arg-type]
+        entry = close_action(self.journal, self.history, cert.action.id, outcome, detail, evidence)  # type: ignore[arg-type]
         if cert.action.target != self.cfg.name:
             await self._remote(cert, FINISH_STEP, 30.0)
+
+        async def share(name: str) -> None:
+            spec = self.cfg.agent(name)
+            assert spec is not None
+            try:
+                await self.coordinator.client.post(spec, HISTORY_PATH, entry, StepReply)
+            except (
+                PeerError
+            ) as exc:  # best effort: its own record, if any, and the reports' finished ids remain
+                log.info(logs.kv(event="history_not_shared", peer=name, error=exc))
+
+        await asyncio.gather(*(share(a.name) for a in self.cfg.peers))
         self._save_held(release(self.held, cert.action.id))
         self.drive = None
         log.warning(logs.kv(event="action_finished", action=cert.action.id, outcome=outcome, detail=detail))
@@ -518,6 +551,32 @@ class Actions:
     async def _writable(agent: Agent) -> bool:
         return (await agent.minkms.probe()).write is True
 
+    # ---- operators -----------------------------------------------------------------------------------------
+    def explain(self) -> tuple[dict[str, Any], str]:
+        """What would happen next and why, as JSON-able data and as text (`kmagent explain`)."""
+        now = time.monotonic()
+        c = self.coordinator
+        anchor = c.election.anchor_hint(now)
+        fresh = {
+            name: link.state.report
+            for name, link in c.links.items()
+            if link.state.report is not None and fresh_report(link.state, now, self.cfg.timings.peer_timeout)
+        }
+        e = planner.explain(self.facts(anchor=anchor, now=now), fresh)
+        return _plain(dataclasses.asdict(e)) | {"anchor": anchor}, (
+            f"Anchor: {anchor or 'none'} (term {c.election.term})\n" + planner.render(e)
+        )
+
+    def ack(self, node: str) -> str:
+        """Release an ESCALATED node (`kmagent ack NODE`): automation may act on it again."""
+        if self.cfg.agent(node) is None:
+            raise ValueError(f"{node!r} is not a configured agent")
+        if node not in self.escalated:
+            return f"{node} is not escalated: nothing to do"
+        self.set_escalated(self.escalated - {node})
+        log.warning(logs.kv(event="escalation_acknowledged", node=node))
+        return f"{node} released: automation may act on it again (budget and cooldown still apply)"
+
     # ---- status --------------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         d = self.drive
@@ -556,6 +615,17 @@ def target_position(kind: str, step: str, done: list[str]) -> playbooks.Position
     if i == k - 1:
         return "repeat"
     return "next" if i == k else "ahead"
+
+
+def _plain(value: Any) -> Any:
+    """dataclasses.asdict output made JSON-able (enums by value, tuples as lists)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value
 
 
 def _step(kind: str, name: str) -> playbooks.Step:

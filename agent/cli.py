@@ -189,6 +189,50 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    answer = _call(args, "GET", "/v1/explain")
+    if args.json:
+        answer.pop("text", None)
+        print(json.dumps(answer, indent=2, sort_keys=True))
+    else:
+        print(answer["text"])
+    return EXIT_OK
+
+
+def render_history(entries: list[dict[str, Any]]) -> str:
+    if not entries:
+        return "no destructive action has been recorded on this agent"
+    rows: list[tuple[str, ...]] = [
+        ("STARTED", "ACTION", "KIND", "TARGET", "OUTCOME", "TOOK", "AGREED", "DETAIL")
+    ]
+    for e in entries:
+        signers = ",".join(a["signer"] for a in e["certificate"]["acks"])
+        rows.append(
+            (
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["started"])),
+                e["action"]["id"],
+                e["action"]["kind"],
+                e["action"]["target"],
+                e["outcome"],
+                f"{e['duration']:.1f}s",
+                f"{signers} (term {e['certificate']['term']})",
+                e["detail"],
+            )
+        )
+    return "\n".join(_table(rows))
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    entries = _call(args, "GET", "/v1/history")["entries"]
+    print(json.dumps(entries, indent=2, sort_keys=True) if args.json else render_history(entries))
+    return EXIT_OK
+
+
+def cmd_ack(args: argparse.Namespace) -> int:
+    print(_call(args, "POST", "/v1/ack", body={"node": args.node})["message"])
+    return EXIT_OK
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     from agent.config import check_config_main
 
@@ -383,6 +427,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("reload", help="reload the config; waits until applied (a bad config is rejected)")
     s.set_defaults(func=cmd_reload)
+
+    s = sub.add_parser("explain", help="what would happen next, on what evidence, and who would agree")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_explain)
+
+    s = sub.add_parser("history", help="every destructive action recorded here: who agreed, how it went")
+    s.add_argument("--json", action="store_true", help="machine-readable output (with the certificates)")
+    s.set_defaults(func=cmd_history)
+
+    s = sub.add_parser("ack", help="release an ESCALATED node: automation may act on it again")
+    s.add_argument("node", help="the agent name of the node")
+    s.set_defaults(func=cmd_ack)
 
     s = sub.add_parser(
         "pause",

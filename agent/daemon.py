@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -23,6 +24,7 @@ from agent import __version__
 from agent.actions import Actions
 from agent.config import Config, ConfigError, load_config, read_secret, split_hostport
 from agent.coordination import Coordinator
+from agent.core import wire
 from agent.core.classify import (
     Thresholds,
     Tracked,
@@ -380,6 +382,9 @@ class Daemon:
         self.control.route("GET", "/v1/status", Access.READ, self._status)
         self.control.route("GET", "/v1/version", Access.READ, self._version)
         self.control.route("POST", "/v1/reload", Access.ADMIN, self._reload)
+        self.control.route("GET", "/v1/explain", Access.READ, self._explain)
+        self.control.route("GET", "/v1/history", Access.READ, self._history)
+        self.control.route("POST", "/v1/ack", Access.ADMIN, self._ack)
         self.control.route("POST", "/v1/pause", Access.ADMIN, self._pause)
         self.control.route("POST", "/v1/resume", Access.ADMIN, self._resume)
         try:
@@ -551,6 +556,45 @@ class Daemon:
 
     async def _version(self, request: web.Request) -> web.Response:
         return json_response({"version": __version__})
+
+    def _actions(self) -> Actions | None:
+        assert self.agent is not None
+        actions = self.agent.coordinator.actions
+        return actions if isinstance(actions, Actions) else None
+
+    @staticmethod
+    def _witness() -> web.Response:
+        return json_response(
+            {"error": "this agent is a witness: it runs no actions; ask a member's agent"}, 409
+        )
+
+    async def _explain(self, request: web.Request) -> web.Response:
+        actions = self._actions()
+        if actions is None:
+            return self._witness()
+        data, text = actions.explain()
+        return json_response(data | {"text": text})
+
+    async def _history(self, request: web.Request) -> web.Response:
+        actions = self._actions()
+        if actions is None:
+            return self._witness()
+        entries = actions.history.entries(limit=500)
+        return json_response({"entries": [json.loads(wire.dumps(e)) for e in entries]})
+
+    async def _ack(self, request: web.Request) -> web.Response:
+        actions = self._actions()
+        if actions is None:
+            return self._witness()
+        try:
+            body = await request.json()
+            node = body["node"]
+            if not isinstance(node, str):
+                raise TypeError("node must be a string")
+            message = actions.ack(node)
+        except (ValueError, KeyError, TypeError) as exc:
+            return json_response({"error": f"bad ack request: {exc}"}, 400)
+        return json_response({"message": message})
 
     async def _pause(self, request: web.Request) -> web.Response:
         assert self.agent is not None
