@@ -71,7 +71,15 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     lab = Lab(Path(args.dir))
-    lab.up(args.nodes, heartbeat=args.heartbeat, timeout=args.timeout, agents=args.agents)
+    timings: dict[str, str] = {}
+    for item in args.agent_timing:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise LabError(f"--agent-timing {item!r}: expected KEY=VALUE, e.g. corrupt_after=20s")
+        timings[key.strip()] = value.strip()
+    lab.up(
+        args.nodes, heartbeat=args.heartbeat, timeout=args.timeout, agents=args.agents, agent_timings=timings
+    )
     _print_table(lab.status())
     if lab.has_agents():
         print(
@@ -138,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--heartbeat", default="250ms", help="leader heartbeat interval (default 250ms)")
     s.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the cluster (default 60)")
     s.add_argument("--agents", action="store_true", help="also run one kmagent per node")
+    s.add_argument(
+        "--agent-timing",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one of the agents' [timings] (lab defaults are short), e.g. --agent-timing corrupt_after=20s",
+    )
     s.set_defaults(func=cmd_up)
 
     s = add("down", "stop every process of the lab")

@@ -17,7 +17,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,19 @@ from emulator.lab import pki, supervisor
 PORT = 7373
 FAULTS = ("disk-loss", "corrupt", "kill", "stop", "start", "agent-kill", "agent-stop", "agent-start")
 AGENT_NOT_RUNNING = "agent not running"
+# The agents' [timings] in a lab: short, so that tests and the demo see detection and recovery in seconds.
+# Override any of them with Lab.up(agent_timings=...) or `kmlab up --agent-timing KEY=VALUE`.
+LAB_TIMINGS: dict[str, str | int] = {
+    "probe_interval": "1s",
+    "peer_timeout": "3s",
+    "lease": "5s",
+    "state_lost_after": "3s",
+    "corrupt_after": "10s",
+    "evict_after": "30s",
+    "cooldown": "30s",
+    "crash_loop_restarts": 3,
+    "crash_loop_window": "30s",
+}
 
 
 class LabError(Exception):
@@ -163,7 +176,12 @@ class Lab:
 
     # ---- life cycle ---------------------------------------------------------------------------------
     def create(
-        self, n_nodes: int, heartbeat: str = "250ms", restart_sec: float = 0.5, agents: bool = False
+        self,
+        n_nodes: int,
+        heartbeat: str = "250ms",
+        restart_sec: float = 0.5,
+        agents: bool = False,
+        agent_timings: Mapping[str, str] | None = None,
     ) -> None:
         if n_nodes < 1 or n_nodes > 50:
             raise LabError("--nodes must be between 1 and 50")
@@ -197,6 +215,7 @@ class Lab:
             "subnet": prefix,
             "restart_sec": restart_sec,
             "agents": agents,
+            "agent_timings": {**LAB_TIMINGS, **(agent_timings or {})},
             "nodes": [asdict(n) for n in nodes],
         }
         self.meta_path.write_text(json.dumps(meta, indent=2) + "\n")
@@ -223,6 +242,7 @@ class Lab:
             f'[[agents]]\nname = "{n.name}"\naddress = "{n.ip}:7443"\nminkms_host = "{n.host}"\n\n'
             for n in nodes
         )
+        timings = self.meta().get("agent_timings") or LAB_TIMINGS
         for node in nodes:
             base = Path(node.dir) / "agent"
             base.mkdir(parents=True, exist_ok=True)
@@ -235,8 +255,7 @@ class Lab:
                 f'[minkms]\ncli = "{wrapper}"\nserver = "{node.endpoint}"\napi_key_file = "{self.dir / "api.key"}"\n'
                 f'ca = "{self.ca_cert}"\ncommand_timeout = "10s"\nprobe_timeout = "1s"\n\n'
                 f'[tls]\nca = "{self.ca_cert}"\ncert = "{cert}"\nkey = "{key}"\n\n'
-                '[timings]\nprobe_interval = "1s"\npeer_timeout = "3s"\nlease = "5s"\ncrash_loop_restarts = 3\n'
-                'crash_loop_window = "30s"\n\n'
+                "[timings]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in timings.items()) + "\n"
                 f'[peer]\nsource = "{node.ip}"\n\n'
                 f'[state]\ndir = "{base / "state"}"\n\n'
                 f'[backup]\ndir = "{base / "backups"}"\n\n'
@@ -314,6 +333,7 @@ class Lab:
         log: Callable[[str], None] = print,
         agents: bool = False,
         prepare: Callable[[Lab], None] | None = None,
+        agent_timings: Mapping[str, str] | None = None,
     ) -> None:
         """Create (or resume) the lab and return once the cluster is formed.
 
@@ -322,7 +342,7 @@ class Lab:
         """
         fresh = not self.exists()
         if fresh:
-            self.create(n_nodes, heartbeat, agents=agents)
+            self.create(n_nodes, heartbeat, agents=agents, agent_timings=agent_timings)
             if prepare is not None:
                 prepare(self)
         elif self.running():
@@ -544,6 +564,10 @@ class Lab:
         reply = supervisor.request(self.sock, {"op": "kill", "name": node.name, "signal": sig})
         if not reply.get("ok"):
             raise LabError(f"kill {node.name}: {reply.get('error')}")
+
+
+def _toml_value(value: object) -> str:
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else f'"{value}"'
 
 
 def _nft(script: str) -> None:
