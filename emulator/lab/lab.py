@@ -567,7 +567,9 @@ class Lab:
 
 
 def _toml_value(value: object) -> str:
-    return str(value) if isinstance(value, int) and not isinstance(value, bool) else f'"{value}"'
+    """A timing for the agents' TOML: counts bare (crash_loop_restarts), durations quoted ("30s")."""
+    text = str(value)
+    return text if text.isdigit() else json.dumps(text)
 
 
 def _nft(script: str) -> None:
