@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from agent import __version__
+from agent import __version__, failpoints
 from agent.actions import Actions
 from agent.config import Config, ConfigError, load_config, read_secret, split_hostport
 from agent.coordination import Coordinator
@@ -365,6 +365,12 @@ class Daemon:
             return 1
         for warning in cfg.warnings:
             log.warning(logs.kv(event="config_warning", message=warning))
+        try:
+            failpoints.load()  # a bad KMAGENT_FAILPOINTS refuses to start now, not at some later step
+        except failpoints.FailpointError as exc:
+            log.error(logs.kv(event="failpoints_invalid", error=exc))
+            print(f"kmagent: {exc}", file=sys.stderr)
+            return 1
         try:
             os.makedirs(cfg.state.dir, mode=0o700, exist_ok=True)
         except OSError as exc:
