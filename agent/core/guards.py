@@ -43,10 +43,13 @@ HOUR = 3600.0
 REJOIN, EVICT, RESTORE = "REJOIN", "EVICT", "RESTORE"
 # The classes each kind may act on (rule 1); anything else (HEALTHY, DEGRADED, DOWN, AGENT_DOWN, UNKNOWN) never.
 # EVICTED comes only from a fresh report (classify_peer), so "only while it reports fresh" holds by construction.
+# EVICT also takes a STATE_LOST or CORRUPT member, but only to make room (see `makes_room`).
 _SUPPORTS: dict[str, frozenset[NodeClass]] = {
     REJOIN: frozenset({NodeClass.STATE_LOST, NodeClass.CORRUPT, NodeClass.EVICTED}),
-    EVICT: frozenset({NodeClass.UNREACHABLE}),
+    EVICT: frozenset({NodeClass.UNREACHABLE, NodeClass.STATE_LOST, NodeClass.CORRUPT}),
 }
+# Members in these classes do not serve: while one is a member, minkms writes (an add among them) cannot succeed.
+_FAILED = frozenset({NodeClass.UNREACHABLE, NodeClass.STATE_LOST, NodeClass.CORRUPT})
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,19 @@ Predicate = Callable[[Action, ClusterFacts], "str | None"]
 
 # ---------------------------------------------------------------------------------------------------------------
 # Helpers shared with the planner
+
+
+def makes_room(node: NodeFacts, facts: ClusterFacts) -> bool:
+    """True for a STATE_LOST or CORRUPT member that must leave the membership so that another node's REJOIN can
+    add it back: minkms writes need every member. The documented runbook for several failed nodes does the same:
+    remove the failed nodes one at a time, then add them back (reference/minkms.md §5)."""
+    if (
+        not node.is_member
+        or node.verdict is None
+        or node.verdict.cls not in (NodeClass.STATE_LOST, NodeClass.CORRUPT)
+    ):
+        return False
+    return any(o.name != node.name and wanted_kind(o) == REJOIN for o in facts.nodes)
 
 
 def wanted_kind(node: NodeFacts) -> str | None:
@@ -173,7 +189,9 @@ def _one_removed(action: Action, facts: ClusterFacts) -> str | None:
     node = _target(action, facts)
     if node is None:
         return None
-    removes = action.kind == EVICT or (action.kind == REJOIN and node.is_member)
+    # Only a dead member's eviction waits for the others to be back: it removes a node that may hold state.
+    # Nodes whose state is lost are removed one after the other to make room, as the runbook does.
+    removes = action.kind == EVICT and node.verdict is not None and node.verdict.cls is NodeClass.UNREACHABLE
     others = [h for h in facts.removed if h != node.host]
     if removes and others:
         return (
@@ -193,6 +211,8 @@ def _class(action: Action, facts: ClusterFacts) -> str | None:
         return f"{node.name} is {cls} ({node.verdict.reason}); {action.kind} is only for {names}"
     if action.kind == EVICT and not node.is_member:
         return f"{node.name} is no longer a member: there is nothing to evict"
+    if action.kind == EVICT and cls is not NodeClass.UNREACHABLE and not makes_room(node, facts):
+        return f"{node.name} is {cls}: it is evicted only to make room for another node's REJOIN, and none needs one"
     return None
 
 
@@ -242,6 +262,8 @@ def _min_members(action: Action, facts: ClusterFacts) -> str | None:
     node = _target(action, facts)
     if node is None or action.kind != EVICT or not node.is_member:
         return None
+    if node.verdict is not None and node.verdict.cls is not NodeClass.UNREACHABLE:
+        return None  # its state is lost (positive evidence): removing it loses nothing, whatever remains
     left = sum(1 for n in facts.nodes if n.is_member) - 1
     if left < facts.policy.min_members:
         return f"evicting {node.name} would leave {left} members, below policy.min_members = {facts.policy.min_members}"
@@ -249,20 +271,17 @@ def _min_members(action: Action, facts: ClusterFacts) -> str | None:
 
 
 def _evict_first(action: Action, facts: ClusterFacts) -> str | None:
-    """A REJOIN's add is a write, and minkms writes need every member: a dead member would strand the target."""
-    if action.kind != REJOIN:
+    """A REJOIN's add is a write, and minkms writes need every member: a failed member would strand the target."""
+    if action.kind != REJOIN or _target(action, facts) is None:
         return None
     dead = [
         n.name
         for n in facts.nodes
-        if n.name != action.target
-        and n.is_member
-        and n.verdict is not None
-        and n.verdict.cls is NodeClass.UNREACHABLE
+        if n.name != action.target and n.is_member and n.verdict is not None and n.verdict.cls in _FAILED
     ]
     if dead:
         return (
-            f"{', '.join(dead)} UNREACHABLE and still a member: minkms writes need every member, "
+            f"{', '.join(dead)} failed and still a member: minkms writes need every member, "
             "so the add would stall; it must return or be evicted first"
         )
     return None
@@ -275,7 +294,14 @@ def _escalated(action: Action, facts: ClusterFacts) -> str | None:
 
 
 def _cooldown(action: Action, facts: ClusterFacts) -> str | None:
-    recent = _actions_within(action.target, facts, facts.timings.cooldown)
+    # An EVICT that made room is the first half of the node's recovery: its REJOIN does not wait for it.
+    recent = [
+        e.started_wall
+        for e in facts.history
+        if e.target == action.target
+        and facts.wall_now - e.started_wall < facts.timings.cooldown
+        and not (action.kind == REJOIN and e.kind == EVICT)
+    ]
     if recent:
         ago = facts.wall_now - max(recent)
         since = f"{human_duration(ago)} ago" if ago >= 0 else "in the future (the wall clock stepped back)"

@@ -20,6 +20,7 @@ from agent.core.guards import (
     check,
     evaluate,
     expected_params,
+    makes_room,
     should_escalate,
     threshold,
     wanted_kind,
@@ -67,8 +68,9 @@ def action_id(kind: str, target: str, term: int, wall_now: float) -> str:
 
 
 def candidates(facts: ClusterFacts) -> tuple[Action, ...]:
-    """Every action a node's class calls for, thresholds aside: EVICTs first, then REJOINs, each in config order."""
-    wanted = [(wanted_kind(n), n) for n in facts.nodes]
+    """Every action a node's class calls for, thresholds aside: EVICTs first, then REJOINs, each in config order.
+    A failed member that must make room for another node's REJOIN is evicted first (see guards.makes_room)."""
+    wanted = [("EVICT" if makes_room(n, facts) else wanted_kind(n), n) for n in facts.nodes]
     return tuple(
         Action(action_id(kind, n.name, facts.term, facts.wall_now), kind, n.name, expected_params(n))
         for priority in _PRIORITY

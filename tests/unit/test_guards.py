@@ -190,7 +190,6 @@ SINGLE_RULE_CASES = [
     ("one-at-a-time", *_rejoin_c(unfinished=OTHER)),
     ("one-at-a-time", *_rejoin_c(unfinished=dataclasses.replace(OTHER, id="rejoin-c"))),
     ("one-removed", *_evict_c(node("a"), node("b"), node("c", NodeClass.UNREACHABLE), DOWN_D)),
-    ("one-removed", *_rejoin_c(nodes=(node("a"), node("b"), node("c", LOST), DOWN_D))),
     ("class", *_rejoin_c(nodes=(node("a"), node("b"), node("c"), node("d")))),
     ("threshold", *_rejoin_c(nodes=(node("a"), node("b"), node("c", LOST, 4.0), node("d")))),
     ("params", Action("x", "REJOIN", "c", (("node_id", "1"), ("host", host("c")))), facts(*FOUR)),
@@ -312,11 +311,27 @@ def test_cooldown_boundary(seconds_ago: float, refused: bool) -> None:
     assert ("cooldown" in rules(action, f)) is refused
 
 
-def test_cooldown_is_per_node_and_any_kind() -> None:
+def test_cooldown_is_per_node_and_a_rejoin_does_not_wait_for_the_evict_that_made_room() -> None:
     action, f = _rejoin_c(history=(ago("b", 10.0), ago("d", 20.0, "EVICT")))
     assert rules(action, f) == []
     action, f = _rejoin_c(history=(ago("c", 10.0, "EVICT", "aborted"),))
+    assert rules(action, f) == []  # the EVICT was the first half of c's recovery
+    action, f = _rejoin_c(history=(ago("c", 10.0, "REJOIN", "done"),))
     assert rules(action, f) == ["cooldown"]
+
+
+def test_a_lost_member_is_evicted_only_to_make_room_for_another_rejoin() -> None:
+    alone = facts(node("a"), node("b"), node("c", LOST), node("d"))
+    assert [r.rule for r in check(act("EVICT", "c", alone), alone)] == ["class"]
+    two = facts(node("a"), node("b", LOST), node("c", LOST), node("d"))
+    assert rules(act("EVICT", "c", two), two) == []
+    # the REJOIN of b waits while c is a failed member: its add would stall
+    assert "evict-first" in rules(act("REJOIN", "b", two), two)
+    # min_members does not hold back a node whose state is lost (removing it loses nothing)
+    small = facts(
+        node("a"), node("b", LOST), node("c", LOST), policy=dataclasses.replace(facts().policy, min_members=3)
+    )
+    assert rules(act("EVICT", "c", small), small) == []
 
 
 def test_history_in_the_future_counts_as_recent() -> None:
