@@ -43,6 +43,8 @@ LAB_TIMINGS: dict[str, str | int] = {
     "crash_loop_restarts": 3,
     "crash_loop_window": "30s",
 }
+# The agents' environment variables a lab may set (Lab.set_agent_env): the test hooks, nothing else.
+AGENT_ENV_KEYS = ("KMAGENT_FAILPOINTS", "KMAGENT_FAILPOINTS_DIR")
 
 
 class LabError(Exception):
@@ -268,13 +270,41 @@ class Lab:
         base = Path(node.dir) / "agent"
         return {
             "argv": [sys.executable, "-m", "agent.cli", "--config", str(self.agent_config(node)), "daemon"],
-            "env": {"PYTHONPATH": _source_root()},
+            "env": {**self.meta().get("agent_env", {}).get(node.name, {}), "PYTHONPATH": _source_root()},
             "cwd": str(base),
             "log": str(base / "kmagent.log"),
             "restart": "on-failure",
             "restart_sec": 1.0,
             "preflight": None,
         }
+
+    def set_agent_env(self, name: str, env: Mapping[str, str]) -> None:
+        """Run a node's agent with these extra variables (failpoints, for crash tests) instead of those set
+        before; {} clears them. Kept in lab.json so that a resumed lab keeps them; a running lab restarts the
+        agent with them at once (its supervisor program is replaced)."""
+        node = self.node(name)
+        if not self.has_agents():
+            raise LabError(f"this lab runs no agents: {node.name} has no agent to configure")
+        for key, value in env.items():
+            if key not in AGENT_ENV_KEYS:
+                raise LabError(
+                    f"agent variable {key!r} cannot be set by a lab (allowed: {', '.join(AGENT_ENV_KEYS)})"
+                )
+            if not isinstance(value, str) or "\0" in value:
+                raise LabError(f"agent variable {key}: the value must be a string without NUL bytes")
+        meta = self.meta()
+        meta.setdefault("agent_env", {})[node.name] = dict(env)
+        self.meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+        if not self.running():
+            return
+        program = f"{node.name}-agent"
+        for request in (
+            {"op": "remove", "name": program},
+            {"op": "add", "name": program, "program": self.agent_program(node)},
+        ):
+            reply = supervisor.request(self.sock, request, timeout=30)
+            if not reply.get("ok"):
+                raise LabError(f"{request['op']} the agent of {node.name}: {reply.get('error')}")
 
     def program(self, node: LabNode) -> dict[str, Any]:
         base = Path(node.dir)
