@@ -65,6 +65,11 @@ class Drive:
     certificate: Certificate | None = None
     refusals: dict[str, str] = field(default_factory=dict)
     attempts: dict[str, int] = field(default_factory=dict)
+    unanswered: dict[str, float] = field(default_factory=dict)  # step -> when the target first did not answer
+    target_done: tuple[str, ...] = ()  # the target's journaled progress, from its last reply
+    fresh: bool = (
+        False  # proposed by this anchor (nothing was unfinished): no other agent can have acted on it
+    )
 
 
 class Actions:
@@ -379,7 +384,10 @@ class Actions:
             members = [a.name for a in self.cfg.agents]
             now_dt = datetime.datetime.now(datetime.UTC)
             d = self.drive = Drive(
-                action, term, AckCollector(self.cfg.cluster, term, action, members, self.verifier.at(now_dt))
+                action,
+                term,
+                AckCollector(self.cfg.cluster, term, action, members, self.verifier.at(now_dt)),
+                fresh=facts.unfinished is None,
             )
             log.warning(
                 logs.kv(
@@ -411,6 +419,8 @@ class Actions:
                 d.refusals[self.cfg.name] = own.reason
                 return
 
+        holding: dict[str, Action] = {}
+
         async def ask(name: str) -> None:
             spec = self.cfg.agent(name)
             assert spec is not None
@@ -425,9 +435,14 @@ class Actions:
                     d.refusals[name] = problem
             else:
                 d.refusals[name] = reply.reason
+                if reply.holding is not None and reply.holding.id != d.action.id:
+                    holding[name] = reply.holding
 
         await asyncio.gather(*(ask(a.name) for a in self.cfg.peers if a.name not in d.collector.signers))
         d.certificate = d.collector.certificate()
+        if d.certificate is None and d.fresh and holding:
+            self._adopt(d, holding)
+            return
         if d.certificate is not None:
             log.warning(
                 logs.kv(
@@ -443,6 +458,25 @@ class Actions:
                 )
             )
 
+    def _adopt(self, d: Drive, holding: dict[str, Action]) -> None:
+        """Peers hold a different unfinished action (acked under an earlier anchor, which this one never saw):
+        it may be certified and half done, so it comes first (DESIGN §4.4). Our own proposal was acked by
+        nobody else and only we collect its acks, so dropping it is safe; from the next round the planner
+        resumes the held action, re-certified in this term, each agent judging it by its own view."""
+        name, action = sorted(holding.items())[0]
+        self._save_held(Held(action, d.term))
+        self.drive = None
+        log.warning(
+            logs.kv(
+                event="adopted",
+                action=action.id,
+                kind=action.kind,
+                target=action.target,
+                dropped=d.action.id,
+                held_by=name,
+            )
+        )
+
     async def _advance(self, d: Drive) -> None:
         """Run the steps of the certified action, in order, checking the lease before each one."""
         cert = d.certificate
@@ -456,10 +490,22 @@ class Actions:
             if state is not None and step.name in state.progress.done:
                 continue
             if step.runs_on == "target" and action.target != self.cfg.name:
-                ok, detail = await self._remote(cert, step.name, step.timeout)
+                reply, answered = await self._remote(cert, step.name, step.timeout)
+                ok, detail = reply.ok, reply.detail
+                if not answered and self._target_silent(d, step, detail):
+                    return  # again next round
+                d.unanswered.pop(step.name, None)
+                d.target_done = reply.progress or d.target_done
                 if ok:
                     # mirror the target's progress in our own journal, so a resumed drive skips it
                     await self._journaled(cert, step.name, _noop(detail))
+            elif later := _done_after(action.kind, step.name, d.target_done):
+                # An anchor that adopted the action has no record of its predecessor's steps: the target's
+                # journal has done `later`, which was asked for only once this step was done. Never run it again
+                # (a second remove would take out the node the add already brought back).
+                ok, detail = await self._journaled(
+                    cert, step.name, _noop(f"done before this anchor: the target has done {later}")
+                )
             else:
                 ok, detail = await self._journaled(cert, step.name, self._run_anchor_step)
             if not ok:
@@ -475,7 +521,18 @@ class Actions:
                 return
         await self._close(d, "done", "every step done")
 
-    async def _remote(self, cert: Certificate, step_name: str, timeout: float) -> tuple[bool, str]:
+    def _target_silent(self, d: Drive, step: playbooks.Step, detail: str) -> bool:
+        """True while the target's agent has given no answer to `step` for less than the step's timeout. Such a
+        step is in doubt, not failed: the agent may be restarting after a crash, and its journal makes a repeat
+        safe. Counted as attempts, three quick rounds would abort or escalate the action before it is back."""
+        since = d.unanswered.setdefault(step.name, time.monotonic())
+        if time.monotonic() - since >= step.timeout:
+            return False
+        log.info(logs.kv(event="target_silent", action=d.action.id, step=step.name, detail=detail))
+        return True
+
+    async def _remote(self, cert: Certificate, step_name: str, timeout: float) -> tuple[StepReply, bool]:
+        """The target's reply, and whether it answered at all (False: no reply, its agent may be down)."""
         spec = self.cfg.agent(cert.action.target)
         assert spec is not None
         try:
@@ -483,8 +540,8 @@ class Actions:
                 spec, STEP_PATH, StepRequest(cert, step_name), StepReply, timeout=timeout + 10
             )
         except PeerError as exc:
-            return False, str(exc)
-        return reply.ok, reply.detail
+            return StepReply(False, str(exc)), exc.status is not None
+        return reply, True
 
     async def _close(self, d: Drive, outcome: str, detail: str) -> None:
         cert = d.certificate
@@ -630,6 +687,12 @@ def _plain(value: Any) -> Any:
 
 def _step(kind: str, name: str) -> playbooks.Step:
     return next(s for s in playbooks.steps(kind) if s.name == name)
+
+
+def _done_after(kind: str, step: str, target_done: tuple[str, ...]) -> str | None:
+    """A target step after `step` that the target has journaled done, if any."""
+    names = [s.name for s in playbooks.steps(kind)]
+    return next((name for name in names[names.index(step) + 1 :] if name in target_done), None)
 
 
 def _noop(detail: str) -> Callable[[Action, str], Awaitable[str]]:
