@@ -42,6 +42,9 @@ from agent.io.peers import PeerClient, PeerError, Route
 log = logging.getLogger("kmagent")
 
 REPORT_PATH = "/v1/peer/report"
+# Terms above this are refused: a forged huge term (int64 max) would otherwise spread through the reports and leave
+# no next term to stand in. 2**53 terms at one election per second last longer than any cluster.
+MAX_TERM = 2**53
 VOTE_PATH = "/v1/peer/vote"
 
 Prober = Callable[[str], Awaitable[bool | None]]
@@ -61,7 +64,11 @@ def load_ballot(path: Path) -> Ballot:
         return Ballot()
     term = data.get("term") if isinstance(data, dict) else None
     voted_for = data.get("voted_for") if isinstance(data, dict) else None
-    if type(term) is not int or term < 0 or not (voted_for is None or isinstance(voted_for, str)):
+    if (
+        type(term) is not int
+        or not 0 <= term <= MAX_TERM
+        or not (voted_for is None or isinstance(voted_for, str))
+    ):
         log.error(logs.kv(event="ballot_unreadable", path=path, error="unexpected content"))
         return Ballot()
     return Ballot(term, voted_for)
@@ -176,6 +183,8 @@ class Coordinator:
             )
         if report.cluster != self.cfg.cluster:
             raise web.HTTPUnprocessableEntity(reason=f"wrong cluster {report.cluster!r}")
+        if report.term > MAX_TERM or report.pause_epoch > MAX_TERM:
+            raise web.HTTPUnprocessableEntity(reason=f"term or pause epoch beyond {MAX_TERM}")
         link = self.links.get(peer)
         if link is None:  # itself: a configured name, but not a peer
             raise web.HTTPForbidden(reason="an agent does not report to itself")
@@ -192,6 +201,8 @@ class Coordinator:
     async def on_vote(self, peer: str, req: VoteRequest) -> VoteReply:
         if req.candidate != peer:
             raise web.HTTPForbidden(reason=f"vote request for {req.candidate!r} sent by {peer!r}")
+        if req.term > MAX_TERM:
+            raise web.HTTPUnprocessableEntity(reason=f"term {req.term} beyond {MAX_TERM}")
         eligible = req.candidate in anchor_candidates(self.views)
         async with self.ballot_lock:  # decide and persist as one step: no second grant before the fsync
             reply, ballot = self.election.on_vote_request(req, time.monotonic(), eligible)
@@ -298,6 +309,9 @@ class Coordinator:
             reply = await self.client.post(link.spec, VOTE_PATH, request, VoteReply)
         except PeerError as exc:
             link.error = str(exc)
+            return
+        if reply.voter_term > MAX_TERM:
+            link.error = f"vote reply with term {reply.voter_term} beyond {MAX_TERM}"
             return
         if reply.voter != link.spec.name:
             link.error = f"vote reply names voter {reply.voter!r}"

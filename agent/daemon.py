@@ -52,6 +52,7 @@ from agent.io.notify import Notifier, watchdog_forever
 from agent.io.peers import PeerClient, PeerServer, Route
 from agent.io.service import LabSupervisor, ServiceControl, Systemd
 from agent.io.storage import Marker, probe_storage, write_marker
+from agent.preflight import record_path
 
 log = logging.getLogger("kmagent")
 
@@ -74,6 +75,7 @@ def build_minkms(cfg: Config) -> Minkms:
             command_timeout=cfg.minkms.command_timeout,
             probe_timeout=cfg.minkms.probe_timeout,
             home=Path(cfg.state.dir) / "minkms-home",
+            peer_source=cfg.peer.source,
         )
     )
 
@@ -115,7 +117,7 @@ class Agent:
 
     @property
     def marker_record(self) -> Path:
-        return Path(self.cfg.state.dir) / "marker.json"
+        return record_path(Path(self.cfg.state.dir))  # the record preflight reads
 
     # ---- observation ------------------------------------------------------------------------------------
     async def observe(self) -> Observation:

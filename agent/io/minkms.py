@@ -110,6 +110,9 @@ class MinkmsSettings:
     command_timeout: float = 10.0
     probe_timeout: float = 1.0
     home: Path | None = None  # private HOME for the CLI, holding its trust store
+    # The local IP the live probes of OTHER nodes come from (peer.source), so that a node cut off the network
+    # looks cut off to those probes too; "" lets the system choose. The local node is probed unbound.
+    peer_source: str = ""
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,7 @@ class Minkms:
         self.settings = settings
         self._server = endpoint(settings.server) if settings.server else ""
         self._session: aiohttp.ClientSession | None = None
+        self._peer_session: aiohttp.ClientSession | None = None
         self._trust_signature: tuple[tuple[str, int, int, int], ...] | None = None
 
     async def __aenter__(self) -> Minkms:
@@ -356,8 +360,9 @@ class Minkms:
         return HealthObs(live=live, ready=ready, write=write, latency=latency)
 
     async def probe_live(self, host: str) -> bool | None:
-        """Whether another node's minkms answers its live probe: tells AGENT_DOWN from UNREACHABLE (DESIGN §3)."""
-        session = self._http()
+        """Whether another node's minkms answers its live probe: tells AGENT_DOWN from UNREACHABLE (DESIGN §3).
+        False when it was probed and did not answer in time; None only when it could not be probed."""
+        session = self._peer_http()
         if session is None:
             return None
         try:
@@ -365,20 +370,29 @@ class Minkms:
         except ValueError:
             return None
         live, _ = await self._get(session, url)
-        return live
+        return bool(live)
 
     def _http(self) -> aiohttp.ClientSession | None:
         if self._session is None or self._session.closed:
-            if not self._server:
-                return None
-            try:
-                ctx = self._ssl_context()
-            except (OSError, ssl.SSLError) as exc:
-                log.warning("cannot load the CA for minkms health probes from %s: %s", self.settings.ca, exc)
-                return None
-            # Kept alive across probes; no proxy from the environment (trust_env defaults to False).
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=8))
+            self._session = self._new_session(None)
         return self._session
+
+    def _peer_http(self) -> aiohttp.ClientSession | None:
+        if self._peer_session is None or self._peer_session.closed:
+            source = self.settings.peer_source
+            self._peer_session = self._new_session((source, 0) if source else None)
+        return self._peer_session
+
+    def _new_session(self, local_addr: tuple[str, int] | None) -> aiohttp.ClientSession | None:
+        if not self._server:
+            return None
+        try:
+            ctx = self._ssl_context()
+        except (OSError, ssl.SSLError) as exc:
+            log.warning("cannot load the CA for minkms health probes from %s: %s", self.settings.ca, exc)
+            return None
+        # Kept alive across probes; no proxy from the environment (trust_env defaults to False).
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=8, local_addr=local_addr))
 
     def _ssl_context(self) -> ssl.SSLContext:
         if self.settings.insecure:
@@ -418,9 +432,11 @@ class Minkms:
 
     async def close(self) -> None:
         """Close the kept-alive probe connections."""
-        session, self._session = self._session, None
-        if session is not None and not session.closed:
-            await session.close()
+        sessions = (self._session, self._peer_session)
+        self._session = self._peer_session = None
+        for session in sessions:
+            if session is not None and not session.closed:
+                await session.close()
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------

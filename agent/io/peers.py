@@ -225,20 +225,23 @@ class PeerServer:
             name = peer_name(request.transport)
             if name is None:
                 log.warning("peer API: refused a caller without a usable client certificate")
-                return _error(403, "a client certificate naming a configured agent is required")
+                return _unread(
+                    request, _error(403, "a client certificate naming a configured agent is required")
+                )
             if self.config.agent(name) is None:
                 log.warning("peer API: refused certificate name %r: not a configured agent", name)
-                return _error(403, f"certificate name {name!r} is not a configured agent")
+                return _unread(request, _error(403, f"certificate name {name!r} is not a configured agent"))
             token = _CALLER.set(name)  # a context variable, not request storage: no web.RequestKey in 3.8
             try:
-                return await handler(request)
+                response = await handler(request)
             except web.HTTPException as exc:  # 404, 405, 413 from aiohttp itself: the same JSON error shape
-                return _error(exc.status, exc.reason, close=exc.status >= 500)
+                response = _error(exc.status, exc.reason, close=exc.status >= 500)
             except Exception:
                 log.exception("peer API: %s %s from %s failed", request.method, request.path, name)
-                return _error(500, "internal error")
+                response = _error(500, "internal error")
             finally:
                 _CALLER.reset(token)
+            return _unread(request, response)
         finally:
             if connection is not None:
                 connection.request_finished()
@@ -275,6 +278,14 @@ class PeerServer:
             return web.Response(body=data, content_type="application/json")
 
         return endpoint
+
+
+def _unread(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+    """An error answered before the body was read closes the connection: aiohttp 3.8 would otherwise leave the
+    kept-alive connection stalled on the unread body until its idle timeout."""
+    if response.status >= 400 and not request.content.at_eof():
+        response.force_close()
+    return response
 
 
 def _error(status: int, message: str, *, close: bool = False) -> web.Response:

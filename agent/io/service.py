@@ -184,6 +184,9 @@ class Systemd:
         await self._control("stop")
 
     async def start(self) -> None:
+        # A start refused by ExecStartPre (the preflight) counts as a failure towards the unit's start limit; an
+        # explicit start by the agent (a certified REJOIN step) must not be blocked by that count.
+        await self._run("reset-failed", self.name)
         await self._control("start")
 
     async def restart(self) -> None:

@@ -329,6 +329,7 @@ async def test_systemd_fake_success(tmp_path: Path, fake_systemctl: Callable[[st
     assert calls(tmp_path) == [
         "show minkms.service --property=LoadState,ActiveState,SubState,NRestarts,MainPID --no-pager",
         "stop minkms.service",
+        "reset-failed minkms.service",  # a start by the agent is not blocked by refused preflight starts
         "start minkms.service",
         "restart minkms.service",
     ]
