@@ -26,7 +26,15 @@ from agent.core import facts as cf
 from agent.core import guards, planner, playbooks
 from agent.core.agreement import AckCollector, Held, answer_ack, certificate_problems, release
 from agent.core.classify import held_for
-from agent.core.messages import AckReply, AckRequest, Action, Certificate, StepReply, StepRequest
+from agent.core.messages import (
+    AckReply,
+    AckRequest,
+    Action,
+    Certificate,
+    OperatorRequest,
+    StepReply,
+    StepRequest,
+)
 from agent.core.model import NodeClass, ServiceState
 from agent.core.view import fresh_report
 from agent.failpoints import hit
@@ -47,6 +55,7 @@ log = logging.getLogger("kmagent")
 ACK_PATH = "/v1/peer/ack"
 STEP_PATH = "/v1/peer/step"
 HISTORY_PATH = "/v1/peer/history"
+REQUEST_PATH = "/v1/peer/request"
 FINISH_STEP = "finish"  # not in the tables: the target closes its journal and releases what it held
 RECENT_FINISHED = 16  # finished action ids carried in reports, so that every acker releases them
 
@@ -86,6 +95,9 @@ class Actions:
         self.held: Held | None = self.journal.load_held()
         self.escalated: frozenset[str] = self._load_escalated()
         self.drive: Drive | None = None
+        self.requested: Action | None = (
+            None  # an operator's request, on the anchor, until proposed or refused
+        )
         self.lock = asyncio.Lock()  # one ack decision or step at a time on this agent
         self.max_cert_term = max(
             (s.certificate.term for s in self.journal.state().actions.values()), default=0
@@ -97,6 +109,7 @@ class Actions:
             (ACK_PATH, AckRequest, self.on_ack),
             (STEP_PATH, StepRequest, self.on_step),
             (HISTORY_PATH, HistoryEntry, self.on_history),
+            (REQUEST_PATH, OperatorRequest, self.on_request),
         ]
 
     async def on_history(self, peer: str, entry: HistoryEntry) -> StepReply:
@@ -375,6 +388,15 @@ class Actions:
             self.set_escalated(self.escalated | frozenset(decision.escalate))
             log.error(logs.kv(event="escalated", nodes=",".join(decision.escalate)))
         action = decision.action
+        if facts.unfinished is None and self.requested is not None:
+            refusals = guards.check(self.requested, facts)
+            if refusals:  # the cluster changed since it was asked for
+                log.warning(
+                    logs.kv(event="operator_request_dropped", action=self.requested.id, why=refusals[0])
+                )
+                self.requested = None
+            elif action is None or action.target == self.requested.target:
+                action = self.requested
         if action is None:
             self.drive = None
             return
@@ -565,6 +587,8 @@ class Actions:
 
         await asyncio.gather(*(share(a.name) for a in self.cfg.peers))
         self._save_held(release(self.held, cert.action.id))
+        if self.requested is not None and self.requested.id == cert.action.id:
+            self.requested = None
         self.drive = None
         log.warning(logs.kv(event="action_finished", action=cert.action.id, outcome=outcome, detail=detail))
 
@@ -622,6 +646,56 @@ class Actions:
         e = planner.explain(self.facts(anchor=anchor, now=now), fresh)
         return _plain(dataclasses.asdict(e)) | {"anchor": anchor}, (
             f"Anchor: {anchor or 'none'} (term {c.election.term})\n" + planner.render(e)
+        )
+
+    async def request(self, kind: str, node: str) -> tuple[bool, str]:
+        """`kmagent rejoin|evict NODE`: checked here against every rule but the wait (the class must still call
+        for it), then handed to the anchor, which checks again and proposes it; every acker checks it too."""
+        now = time.monotonic()
+        anchor = self.coordinator.election.anchor_hint(now)
+        facts = self.facts(anchor=anchor, now=now)
+        target = facts.node(node)
+        if target is None or target.verdict is None:
+            return False, f"{node!r} is not a configured member"
+        params = (*guards.expected_params(target), (guards.REQUESTED_BY, f"operator on {self.cfg.name}"))
+        action = Action(planner.action_id(kind, node, facts.term, facts.wall_now), kind, node, params)
+        refusals = guards.check(action, facts)
+        if refusals:
+            return False, "refused: " + "; ".join(str(r) for r in refusals)
+        if anchor is None:
+            return False, "refused: no anchor holds the lease now; try again in a few seconds"
+        if anchor == self.cfg.name:
+            return self._accept(action)
+        spec = self.cfg.agent(anchor)
+        assert spec is not None
+        try:
+            reply = await self.coordinator.client.post(spec, REQUEST_PATH, OperatorRequest(action), StepReply)
+        except PeerError as exc:
+            return False, f"the anchor {anchor} could not be asked: {exc}"
+        return reply.ok, reply.detail
+
+    async def on_request(self, peer: str, req: OperatorRequest) -> StepReply:
+        action = req.action
+        if guards.requested_by(action) is None:
+            raise web.HTTPUnprocessableEntity(reason="an operator request must name who requested it")
+        if not self.coordinator.election.is_anchor(time.monotonic()):
+            return StepReply(False, f"refused: {self.cfg.name} does not hold the anchor lease now; try again")
+        refusals = guards.check(action, self.facts(anchor=self.cfg.name))
+        if refusals:
+            return StepReply(False, "refused by the anchor: " + "; ".join(str(r) for r in refusals))
+        ok, detail = self._accept(action)
+        return StepReply(ok, detail)
+
+    def _accept(self, action: Action) -> tuple[bool, str]:
+        if self.requested is not None and self.requested.target != action.target:
+            return False, f"refused: an operator request for {self.requested.target} is pending"
+        self.requested = action
+        log.warning(
+            logs.kv(event="operator_request", action=action.id, kind=action.kind, target=action.target)
+        )
+        return True, (
+            f"{action.kind} {action.target} accepted by the anchor ({action.id}); it needs a quorum's acks: "
+            "follow it with `kmagent status` and `kmagent history`"
         )
 
     def ack(self, node: str) -> str:

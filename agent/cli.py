@@ -228,6 +228,20 @@ def cmd_history(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_request(args: argparse.Namespace) -> int:
+    from agent.io.control import ControlError
+
+    try:
+        answer = _call(args, "POST", "/v1/request", body={"kind": args.kind, "node": args.node})
+    except ControlError as exc:
+        if exc.status == 409:
+            print(f"kmagent {args.kind.lower()}: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        raise
+    print(answer["message"])
+    return EXIT_OK
+
+
 def cmd_ack(args: argparse.Namespace) -> int:
     print(_call(args, "POST", "/v1/ack", body={"node": args.node})["message"])
     return EXIT_OK
@@ -435,6 +449,19 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("history", help="every destructive action recorded here: who agreed, how it went")
     s.add_argument("--json", action="store_true", help="machine-readable output (with the certificates)")
     s.set_defaults(func=cmd_history)
+
+    for kind, what in (
+        ("REJOIN", "rejoin a node now: wipe (quarantine) it, remove it, start it fresh, add it"),
+        ("EVICT", "evict a dead node now: remove it from the cluster so that writes work again"),
+    ):
+        s = sub.add_parser(
+            kind.lower(),
+            help=what,
+            description=f"{what}. Only the wait for the class to hold is waived: the node's class must call for "
+            "it, every guard rail still applies, and a quorum of agents must agree. A refusal names the rule.",
+        )
+        s.add_argument("node", help="the agent name of the node")
+        s.set_defaults(func=cmd_request, kind=kind)
 
     s = sub.add_parser("ack", help="release an ESCALATED node: automation may act on it again")
     s.add_argument("node", help="the agent name of the node")

@@ -393,6 +393,7 @@ class Daemon:
         self.control.route("GET", "/v1/explain", Access.READ, self._explain)
         self.control.route("GET", "/v1/history", Access.READ, self._history)
         self.control.route("POST", "/v1/ack", Access.ADMIN, self._ack)
+        self.control.route("POST", "/v1/request", Access.ADMIN, self._request)
         self.control.route("POST", "/v1/pause", Access.ADMIN, self._pause)
         self.control.route("POST", "/v1/resume", Access.ADMIN, self._resume)
         try:
@@ -603,6 +604,20 @@ class Daemon:
         except (ValueError, KeyError, TypeError) as exc:
             return json_response({"error": f"bad ack request: {exc}"}, 400)
         return json_response({"message": message})
+
+    async def _request(self, request: web.Request) -> web.Response:
+        actions = self._actions()
+        if actions is None:
+            return self._witness()
+        try:
+            body = await request.json()
+            kind, node = body["kind"], body["node"]
+            if kind not in ("REJOIN", "EVICT") or not isinstance(node, str):
+                raise ValueError("kind must be REJOIN or EVICT and node a string")
+        except (ValueError, KeyError, TypeError) as exc:
+            return json_response({"error": f"bad request: {exc}"}, 400)
+        ok, message = await actions.request(kind, node)
+        return json_response({"message": message} if ok else {"error": message}, 200 if ok else 409)
 
     async def _pause(self, request: web.Request) -> web.Response:
         assert self.agent is not None

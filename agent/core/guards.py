@@ -26,12 +26,15 @@ from agent.core.model import NodeClass
 
 __all__ = [
     "HOUR",
+    "REQUESTED_BY",
     "RULES",
     "Refusal",
     "check",
     "evaluate",
     "expected_params",
     "is_resume",
+    "makes_room",
+    "requested_by",
     "should_escalate",
     "threshold",
     "verdict",
@@ -111,6 +114,16 @@ def expected_params(node: NodeFacts) -> tuple[tuple[str, str], ...]:
     if node.host is not None:
         params.append(("host", node.host))
     return tuple(params)
+
+
+REQUESTED_BY = (
+    "requested_by"  # the param naming the operator request (`kmagent rejoin|evict NODE`), signed with it
+)
+
+
+def requested_by(action: Action) -> str | None:
+    """Who asked for the action, when an operator did (it is part of what every ack signs)."""
+    return next((v for k, v in action.params if k == REQUESTED_BY), None)
 
 
 def is_resume(action: Action, facts: ClusterFacts) -> bool:
@@ -223,8 +236,8 @@ def _threshold(action: Action, facts: ClusterFacts) -> str | None:
     if action.kind not in _SUPPORTS:
         return None
     needed = threshold(node.verdict.cls, facts.timings)
-    if node.held_seconds >= needed:
-        return None
+    if node.held_seconds >= needed or requested_by(action):
+        return None  # an operator's request waives the wait, and only the wait: every other rule still holds
     return (
         f"{node.name} has been {node.verdict.cls} for {human_duration(node.held_seconds)} on this agent's clock; "
         f"{action.kind} needs {human_duration(needed)}"
@@ -236,7 +249,7 @@ def _params(action: Action, facts: ClusterFacts) -> str | None:
     if node is None or action.kind not in _SUPPORTS:
         return None
     expected = expected_params(node)
-    if action.params != expected:
+    if tuple(p for p in action.params if p[0] != REQUESTED_BY) != expected:
         return f"parameters {_show(action.params)} do not match this agent's view of {node.name}: {_show(expected)}"
     return None
 

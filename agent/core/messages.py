@@ -152,3 +152,10 @@ class StepReply:
     ok: bool
     detail: str  # what happened, or why it was refused or failed
     progress: tuple[str, ...] = ()  # the steps of this action the target has journaled done, in order
+
+
+@dataclass(frozen=True)
+class OperatorRequest:
+    """`kmagent rejoin|evict NODE` given on any host, forwarded to the anchor: it still needs a quorum's acks."""
+
+    action: Action
