@@ -58,12 +58,17 @@ def normalize_host(host: str) -> str:
 class Node:
     """The live cluster state machine of a node: election, replication, membership, status."""
 
-    def __init__(self, store: Store, host: str, heartbeat: float, peer_ssl: ssl.SSLContext) -> None:
+    def __init__(
+        self, store: Store, host: str, heartbeat: float, peer_ssl: ssl.SSLContext, source: str | None = None
+    ) -> None:
         self.store = store
         self.host = host
         self.heartbeat = heartbeat
         self.election_min = 4 * heartbeat
         self.peer_ssl = peer_ssl
+        # The address node-to-node connections come from: the listen address, so that a firewall rule on a
+        # node's address cuts its cluster traffic both ways (kmlab isolates a node this way). None: any.
+        self.source = source
         self.role = "Follower"
         self.leader_id = -1
         self.started = time.monotonic()
@@ -86,7 +91,9 @@ class Node:
     # ---- life cycle ------------------------------------------------------------------------------
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=self.peer_ssl, limit=64),
+            connector=aiohttp.TCPConnector(
+                ssl=self.peer_ssl, limit=64, local_addr=(self.source, 0) if self.source else None
+            ),
             timeout=aiohttp.ClientTimeout(total=3 * self.heartbeat + 1.0),
         )
         self._ticker = asyncio.create_task(self._tick_forever())

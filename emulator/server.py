@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import gzip
+import ipaddress
 import logging
 import os
 import re
@@ -582,7 +583,7 @@ async def serve(directory: Path, address: str, host: str | None, config: Path | 
             f"server not part of cluster: node {s.node_id} of cluster {s.cluster_id} is "
             f"{s.members[s.node_id]}, but this server was started with --host {my_host}"
         )
-    node = Node(store, my_host, cfg.heartbeat, peer_ctx)
+    node = Node(store, my_host, cfg.heartbeat, peer_ctx, source=_source_address(bind_host))
     kms = KMS(node, hsm, identity_of_api_key(root_key))
     app = build_app(kms)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -618,6 +619,16 @@ async def serve(directory: Path, address: str, host: str | None, config: Path | 
         print("INFO  Restarting server instance...", file=sys.stderr, flush=True)
         os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
     return 0
+
+
+def _source_address(bind_host: str) -> str | None:
+    """The listen address as the source of node-to-node connections, so that a firewall rule on a node's
+    address cuts its cluster traffic both ways; None (the system chooses) for a wildcard or a name."""
+    try:
+        ip = ipaddress.ip_address(bind_host.strip("[]"))
+    except ValueError:
+        return None
+    return None if ip.is_unspecified else str(ip)
 
 
 def _check_bind(host: str, port: int, address: str) -> None:
