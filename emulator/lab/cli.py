@@ -168,7 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = add("fault", "inject a fault into one node")
     s.add_argument("node", help="node name (node1, node2, ...) or its address")
-    s.add_argument("kind", choices=FAULTS)
+    s.add_argument(
+        "kind",
+        choices=FAULTS,
+        help="isolate cuts the node's agent and minkms off the other nodes (root, nftables); heal removes it",
+    )
     s.set_defaults(func=cmd_fault)
 
     s = add("runbook", "run a documented recovery procedure with perfect knowledge")

@@ -28,7 +28,18 @@ from emulator.hsm import SoftHSM
 from emulator.lab import pki, supervisor
 
 PORT = 7373
-FAULTS = ("disk-loss", "corrupt", "kill", "stop", "start", "agent-kill", "agent-stop", "agent-start")
+FAULTS = (
+    "disk-loss",
+    "corrupt",
+    "kill",
+    "stop",
+    "start",
+    "agent-kill",
+    "agent-stop",
+    "agent-start",
+    "isolate",
+    "heal",
+)
 AGENT_NOT_RUNNING = "agent not running"
 # The agents' [timings] in a lab: short, so that tests and the demo see detection and recovery in seconds.
 # Override any of them with Lab.up(agent_timings=...) or `kmlab up --agent-timing KEY=VALUE`.
@@ -528,6 +539,17 @@ class Lab:
             if not reply.get("ok"):
                 raise LabError(f"{op} the agent of {node.name}: {reply.get('error')}")
             return f"{node.name}: kmagent {'stopped' if op == 'stop' else 'started'}"
+        if kind == "isolate":
+            others = [n.name for n in self.nodes() if n.name != node.name]
+            if not others:
+                raise LabError(
+                    f"{node.name} is the only node of this lab: there is nothing to cut it off from"
+                )
+            self.partition([node.name], others)
+            return f"{node.name}: isolated (its agent and its minkms no longer reach the other nodes, nor they it)"
+        if kind == "heal":
+            self.heal()
+            return f"{node.name}: healed (every isolation and partition of this lab removed)"
         if kind == "disk-loss":
             wipe(node.data)
             self._signal(node, "KILL")
@@ -544,7 +566,7 @@ class Lab:
             raise LabError(f"{kind} {node.name}: {reply.get('error')}")
         return f"{node.name}: minkms {'stopped' if kind == 'stop' else 'started'}"
 
-    # ---- partitions of the agents' network ------------------------------------------------------------
+    # ---- partitions of the nodes' network --------------------------------------------------------------
     @property
     def _nft_table(self) -> str:
         return "kmlab_" + str(self.meta()["subnet"]).replace(".", "_")
@@ -552,8 +574,10 @@ class Lab:
     def partition(self, *groups: list[str]) -> str:
         """Cut all traffic between the nodes' addresses across groups (nftables; root only).
 
-        The agents talk from their node's address (peer.source), so their links are cut; the emulated minkms
-        nodes reach each other from 127.0.0.1 and stay connected, so this is a partition of the agents.
+        Everything a node sends to another comes from its own address: the agents' peer links and their live
+        probes of other nodes' minkms (peer.source), and the emulated minkms' cluster traffic (its --address),
+        so both are cut. Traffic from 127.0.0.1 passes: each agent's `minkms` CLI to its own node, and the
+        lab's own probes and clients (an operator's console).
         """
         names = [n for g in groups for n in g]
         if len(set(names)) != len(names):

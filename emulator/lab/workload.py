@@ -22,10 +22,13 @@ class DataKey:
     version: int
 
 
-def create_keys(lab: Lab, count: int, prefix: str = "wl") -> list[DataKey]:
-    """Create `count` keys through the cluster (writes) and one data key from each (reads)."""
+def create_keys(
+    lab: Lab, count: int, prefix: str = "wl", nodes: list[LabNode] | None = None
+) -> list[DataKey]:
+    """Create `count` keys through the cluster (writes) and one data key from each (reads); through `nodes`
+    only when given (e.g. the majority side of a cut)."""
     client = lab.client()
-    servers = [n.endpoint for n in lab.nodes()]
+    servers = [n.endpoint for n in nodes or lab.nodes()]
     run = uuid.uuid4().hex[:8]
     made = []
     for i in range(count):
