@@ -267,6 +267,8 @@ class Election:
                 self._lease_end = -math.inf
                 self._wait_until = now + self.timings.retry_wait(rand, preferred)
                 return None
+            if self._max_term > self._ballot.term:
+                return self._bump(now)
             if now >= self._last_round_sent + self.timings.renew_every:
                 return self._new_round(now, persist=None)
             return None
@@ -312,6 +314,16 @@ class Election:
         self._attempt_sent = now
         self._lease_end = -math.inf
         self._no_anchor_since = None
+        return self._new_round(now, persist=self._ballot)
+
+    def _bump(self, now: float) -> Outbound:
+        """An anchor that sees a higher term (someone's failed candidacy) moves its lease to a new term.
+
+        Voters that voted in that higher term refuse renewals in the old one, so without this the lease would
+        rest on fewer and fewer voters. The current lease stays: it rests on promises to this agent, which a new
+        term does not change; the new term's rounds renew it as usual."""
+        self._durable, self._ballot = self._ballot, Ballot(self.term + 1, self.name)
+        self._rounds.clear()  # round numbers go on: if the fsync fails and the old term stays, none repeats
         return self._new_round(now, persist=self._ballot)
 
     def _new_round(self, now: float, persist: Ballot | None) -> Outbound:

@@ -429,3 +429,29 @@ def test_view_from_reports_takes_only_self_claims_with_lease_left() -> None:
         ],
     )
     assert v == ElectionView(("a", "b"), (("b", 4),), 6)
+
+
+def test_an_anchor_that_sees_a_higher_term_moves_its_lease_to_a_new_term() -> None:
+    e = elected()
+    assert e.ballot == Ballot(1, "a")
+    reply = VoteReply(
+        "kc", 1, "c", False, "stale term 1: already voted in term 4", 4, 1
+    )  # c's failed candidacy
+    e.on_vote_reply(reply, UP + 0.5)
+    out = e.tick(UP + 1, view("a", "b", "c"), 0.0)
+    assert out is not None and out.request.term == 5 and out.ballot == Ballot(5, "a")
+    assert e.is_anchor(UP + 1)  # the lease in term 1 still holds while the new term's round is out
+    e.on_vote_reply(grant(5, "b", out.request.round), UP + 1.1)
+    assert e.is_anchor(UP + 1 + T.candidate_lease - 0.1)  # renewed in term 5
+
+
+def test_a_failed_fsync_of_a_bumped_term_reuses_no_round_number() -> None:
+    e = elected()
+    e.on_vote_reply(VoteReply("kc", 1, "c", False, "stale", 4, 1), UP + 0.5)
+    out = e.tick(UP + 1, view("a", "b", "c"), 0.0)
+    assert out is not None
+    e.persist_failed()
+    assert e.ballot == Ballot(1, "a") and e.is_anchor(UP + 1)
+    late = grant(1, "b", 1)  # a grant of round 1, sent before: must not count for a new round
+    e.on_vote_reply(late, UP + 2)
+    assert e.lease_remaining(UP + 2) <= T.candidate_lease - 2 + 1e-9
