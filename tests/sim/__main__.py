@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         ap.error(str(exc))
     if args.seeds is None:
-        result = run(SimConfig(**{**base.__dict__, "seed": args.seed}), verbose=args.verbose)
+        result = run(dataclasses.replace(base, seed=args.seed), verbose=args.verbose)
         if args.verbose:
             print("\n".join(result.trace))
         print(describe(result))
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     failures = 0
     start = time.monotonic()
     for seed in args.seeds:
-        result = run(SimConfig(**{**base.__dict__, "seed": seed}))
+        result = run(dataclasses.replace(base, seed=seed))
         if not result.ok:
             failures += 1
             print(describe(result), flush=True)

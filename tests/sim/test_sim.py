@@ -1,59 +1,73 @@
-"""The simulator in CI: thousands of seeded schedules across cluster shapes, and proof that it catches breakage.
+"""The simulator in CI: seeded schedules across cluster shapes, and proof that it catches breakage.
 
-Seed counts were chosen for about 20-25 s on a loaded 2-core machine; `python -m tests.sim --seeds 0:10000`
-runs a long sweep. A failing seed prints a one-line replay command.
+Seed counts were chosen for about 25 s of CPU; `python -m tests.sim --seeds 0:10000` runs a long sweep. A failing
+seed prints a one-line replay command.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
 
-from tests.sim.sim import HEAL_PER_NODE, SimConfig, describe, liveness_bound, run
+from tests.sim.sim import SimConfig, describe, heal_bound, liveness_bound, run
 
-# (agents, witnesses, seeds): about 2,650 schedules in total
+# (agents, witnesses, seeds): about 1,750 schedules in total
 CONFIGURATIONS = [
     (1, 0, 50),
     (2, 1, 300),
-    (3, 0, 1000),
-    (4, 0, 500),
-    (5, 0, 300),
-    (5, 1, 300),
-    (7, 0, 100),
-    (7, 2, 100),
+    (3, 0, 800),
+    (4, 0, 200),
+    (5, 0, 150),
+    (5, 1, 150),
+    (7, 0, 50),
+    (7, 2, 50),
 ]
 
 
 @pytest.mark.parametrize(("agents", "witnesses", "seeds"), CONFIGURATIONS)
-def test_invariants_and_liveness_hold_for_every_seed(agents: int, witnesses: int, seeds: int) -> None:
-    start = time.monotonic()
+def test_every_invariant_holds_for_every_seed(agents: int, witnesses: int, seeds: int) -> None:
+    """Safety on every seed; an anchor after the faults stop on every seed; most lost nodes healed in the bound
+    (the rest are the known liveness gaps, pinned by the xfail below)."""
+    start = time.process_time()
     failures: list[str] = []
-    anchors = rejoins = 0
-    slowest = 0.0
+    anchors = certified = steps = unhealed = 0
     for seed in range(seeds):
-        result = run(SimConfig(seed=seed, agents=agents, witnesses=witnesses))
+        result = run(SimConfig(seed=seed, agents=agents, witnesses=witnesses, liveness=False))
         if not result.ok:
             failures.append(describe(result))
             continue
         anchors += result.anchor_after_quiet is not None
-        rejoins += result.stats["rejoins"]
-        slowest = max(slowest, result.anchor_after_quiet or 0.0)
+        unhealed += result.healed_after_quiet is None
+        certified += result.stats["rejoins"] + result.stats["evicts"]
+        steps += result.stats["done"] + result.stats["aborted"] + result.stats["failed"]
     print(
-        f"\n{seeds} seeds, {agents} agents ({witnesses} witnesses): {len(failures)} failing, {rejoins} rejoins, "
-        f"slowest anchor after faults {slowest:.1f}s (bound {liveness_bound(SimConfig(agents=agents)):.1f}s), "
-        f"{time.monotonic() - start:.1f}s"
+        f"\n{seeds} seeds, {agents} agents ({witnesses} witnesses): {len(failures)} failing, {certified} certified, "
+        f"{steps} finished, {unhealed} not healed within {heal_bound(SimConfig()):.0f}s/node "
+        f"(anchor bound {liveness_bound(SimConfig(agents=agents)):.0f}s), {time.process_time() - start:.1f}s CPU"
     )
     assert not failures, "\n".join(failures[:10])
-    # the runs must exercise what they claim to: elections after faults and real REJOINs
     assert anchors == seeds
-    if witnesses < agents - 1:
-        assert rejoins > seeds // 4
+    if agents - witnesses >= 3:
+        # the runs must exercise what they claim to: certified actions run step by step
+        assert certified > seeds and steps > seeds // 2
+        assert unhealed <= seeds * 0.15
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known liveness gaps (docs/protocol.md, 'Found by the simulator'): an unfinished action held by an "
+    "agent that a quorum no longer re-certifies blocks every other action",
+)
+def test_every_lost_node_is_healed_within_the_bound() -> None:
+    failures = [describe(r) for seed in range(200) if not (r := run(SimConfig(seed=seed))).ok]
+    assert not failures, f"{len(failures)} of 200 seeds:\n" + "\n".join(failures[:5])
 
 
 def _first_violation(cfg: SimConfig, seeds: range) -> str | None:
     for seed in seeds:
-        result = run(SimConfig(**{**cfg.__dict__, "seed": seed}))
+        result = run(dataclasses.replace(cfg, seed=seed))
         if not result.ok:
             assert result.violation is not None
             print("\n" + describe(result))
@@ -68,17 +82,20 @@ def _first_violation(cfg: SimConfig, seeds: range) -> str | None:
         ("ignore-promise", 5, "two anchors"),
         ("no-margin", 3, "two anchors"),  # a candidate that counts its lease from the grant, without margin
         ("skip-fsync", 3, "sent a grant for term"),  # a shell that sends a grant it did not persist
+        ("no-cooldown", 3, "rule 6"),  # guards without the cooldown rule
+        ("no-pause", 3, "rule 7"),  # guards without the pause rule
+        ("rerun-anchor-steps", 3, "behind its journaled progress"),  # agent/actions.py's resume today
     ],
 )
 def test_a_broken_rule_is_reported_for_some_seed(broken: str, agents: int, expected: str) -> None:
-    violation = _first_violation(SimConfig(agents=agents, broken=broken), range(400))
-    assert violation is not None, f"{broken}: no seed in 0:400 showed a violation"
+    violation = _first_violation(SimConfig(agents=agents, broken=broken, liveness=False), range(300))
+    assert violation is not None, f"{broken}: no seed in 0:300 showed a violation"
     assert expected in violation
 
 
 def test_clock_drift_beyond_the_bound_is_caught() -> None:
     """The bound rho <= margin/(2-margin) is not slack: at 6x that drift, leases overlap for some seed."""
-    violation = _first_violation(SimConfig(agents=5, drift=0.3), range(1000))
+    violation = _first_violation(SimConfig(agents=5, drift=0.3, liveness=False), range(1000))
     assert violation is not None and "two anchors" in violation
 
 
@@ -94,4 +111,3 @@ def test_bad_configuration_is_refused_clearly() -> None:
         SimConfig(agents=2, witnesses=2)
     with pytest.raises(ValueError, match="unknown broken rule"):
         SimConfig(broken="nope")
-    assert HEAL_PER_NODE > 0

@@ -1,0 +1,216 @@
+"""The invariants of DESIGN §4 and §6, checked after every event and at the instant of each send, ack and step.
+
+The checker keeps a ghost record that no agent can see: every certificate formed, every step that changed the
+world (in order, per action), and every action recorded finished anywhere. Rules that depend on one agent's
+view (cooldown, budget, the anchor, the last healthy member, min_members, the pause) are re-checked here,
+independently of `agent.core.guards`, on the data that agent decided from, at the moment it proposed or acked.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from agent.core import playbooks
+from agent.core.agreement import certificate_problems
+from agent.core.election import Ballot, quorum
+from agent.core.facts import ClusterFacts
+from agent.core.messages import Action, Certificate, VoteReply, VoteRequest
+from agent.core.model import NodeClass
+from tests.sim.base import CLUSTER, sim_verify
+from tests.sim.world import STATE
+
+if TYPE_CHECKING:
+    from tests.sim.node import SimAgent
+    from tests.sim.sim import Simulation
+
+HOUR = 3600.0
+
+
+class Violation(Exception):
+    pass
+
+
+class Checker:
+    def __init__(self, sim: Simulation) -> None:
+        self.sim = sim
+        self.lease_end: dict[str, float] = {}  # real time until which each agent believed its last lease
+        self.certs: dict[str, Certificate] = {}
+        self.proposer: dict[str, str] = {}  # action id -> the anchor that first certified it
+        self.done: set[str] = set()  # recorded finished (done, failed or aborted) on some agent's disk
+        self.steps: dict[str, list[int]] = {}  # action id -> indices of the steps run (begun), in order
+        self.completed: dict[str, set[int]] = {}  # action id -> indices of the steps journaled done
+        self.started: dict[
+            str, list[float]
+        ] = {}  # target -> real times its actions were certified (not resumed)
+
+    def fail(self, what: str) -> None:
+        raise Violation(f"t={self.sim.t:.3f}: {what}")
+
+    def _valid(self, cert: Certificate) -> list[str]:
+        cfg = self.sim.cfg
+        return certificate_problems(cert, CLUSTER, cfg.names, quorum(cfg.agents), sim_verify)
+
+    # -- after every event -----------------------------------------------------------------------------------
+
+    def after_event(self, touched: SimAgent | None) -> None:
+        """Leases: exact, since a lease only starts or grows in an event of its own agent (a tick or a delivered
+        reply) and between events beliefs only expire; so checking the touched agent (all after a fault)
+        suffices. Membership: never more than one configured node out of it (rule 2)."""
+        t = self.sim.t
+        for a in self.sim.agents.values() if touched is None else (touched,):
+            if not a.alive:
+                continue
+            now = a.clock(t)
+            if not a.election.is_anchor(now):
+                continue
+            for other, end in self.lease_end.items():
+                if other != a.name and end > t + 1e-9:
+                    self.fail(
+                        f"two anchors: {a.name} holds a lease (term {a.election.ballot.term}) while {other}'s "
+                        f"lease lasts until t={end:.3f}"
+                    )
+            self.lease_end[a.name] = t + a.election.lease_remaining(now) / a.rate
+        world = self.sim.world
+        out = [n for n, node in world.nodes.items() if n not in world.members and node.data == STATE]
+        if len(out) > 1:
+            self.fail(
+                f"rule 2: {len(out)} nodes that may hold state are out of the membership: {', '.join(out)}"
+            )
+
+    # -- elections -------------------------------------------------------------------------------------------
+
+    def vote_sent(self, agent: SimAgent, reply: VoteReply, req: VoteRequest) -> None:
+        if agent.disk.ballot != Ballot(reply.term, req.candidate):
+            self.fail(
+                f"{agent.name} sent a grant for term {reply.term} to {req.candidate} but persisted {agent.disk.ballot}"
+            )
+
+    # -- decisions (rules 3, 5, 6, 7), on the deciding agent's own facts ---------------------------------------
+
+    def proposed(self, agent: SimAgent, action: Action, facts: ClusterFacts) -> None:
+        self._paused(agent, "proposed", action, facts)
+
+    def ack_given(self, agent: SimAgent, action: Action, facts: ClusterFacts, resume: bool) -> None:
+        self._paused(agent, "acked", action, facts)
+        if action.kind not in playbooks.TABLES:
+            self.fail(f"rule 5: {agent.name} acked {action.kind}, which the simulation does not model")
+        if action.target == facts.anchor:
+            self.fail(f"rule 3: {agent.name} acked {action.kind} of the anchor {action.target}")
+        if resume:
+            return  # a resume is licensed by the certificate it continues (see agent.core.guards)
+        members = [n for n in facts.nodes if n.is_member and n.verdict is not None]
+        if not any(n.name != action.target and n.verdict.cls is NodeClass.HEALTHY for n in members):  # type: ignore[union-attr]
+            self.fail(f"rule 3: {agent.name} acked {action.kind} {action.target}, the last HEALTHY member")
+        target = facts.node(action.target)
+        dead = (
+            target is not None and target.verdict is not None and target.verdict.cls is NodeClass.UNREACHABLE
+        )
+        if action.kind == "EVICT" and dead and target is not None and target.is_member:
+            left = len(members) - 1
+            if left < facts.policy.min_members:
+                self.fail(
+                    f"rule 3: {agent.name} acked EVICT {action.target}, leaving {left} members "
+                    f"(min_members {facts.policy.min_members})"
+                )
+        starts = [e.started_wall for e in facts.history if e.target == action.target]
+        # docs/operations.md: the REJOIN after an EVICT that made room does not wait out the cooldown
+        recent = [
+            e.started_wall
+            for e in facts.history
+            if e.target == action.target
+            and facts.wall_now - e.started_wall < facts.timings.cooldown
+            and not (action.kind == "REJOIN" and e.kind == "EVICT")
+        ]
+        if recent:
+            self.fail(
+                f"rule 6: {agent.name} acked {action.kind} {action.target} {facts.wall_now - max(recent):.1f}s "
+                f"after the last action on it (cooldown {facts.timings.cooldown:g}s)"
+            )
+        used = sum(1 for s in starts if facts.wall_now - s < HOUR)
+        if used >= facts.policy.actions_per_hour:
+            self.fail(f"rule 6: {agent.name} acked a {used + 1}th action on {action.target} within an hour")
+
+    def escalated(self, agent: SimAgent, node: str, facts: ClusterFacts) -> None:
+        used = sum(1 for e in facts.history if e.target == node and facts.wall_now - e.started_wall < HOUR)
+        if used < facts.policy.actions_per_hour:
+            self.fail(
+                f"rule 6: {agent.name} escalated {node} with {used} actions in the hour (budget not used)"
+            )
+
+    def _paused(self, agent: SimAgent, what: str, action: Action, facts: ClusterFacts) -> None:
+        if facts.wall_now < facts.paused_until:
+            self.fail(f"rule 7: {agent.name} {what} {action.id} while paused")
+
+    # -- certificates and steps (rules 1, 2, 3, 8, and step order) ---------------------------------------------
+
+    def certified(self, anchor: SimAgent, cert: Certificate, resume: bool) -> None:
+        if problems := self._valid(cert):
+            self.fail(f"invalid certificate formed for {cert.action.id}: {problems}")
+        if cert.action.target == anchor.name:
+            self.fail(f"rule 3: {anchor.name} certified {cert.action.kind} of itself, the anchor")
+        others = [i for i in self.certs if i != cert.action.id and i not in self.done]
+        if others:
+            self.fail(
+                f"rule 2: two certificates for different unfinished actions: {others[0]} and {cert.action.id}"
+            )
+        self.certs.setdefault(cert.action.id, cert)
+        self.proposer.setdefault(cert.action.id, anchor.name)
+
+    def step_run(self, agent: SimAgent, cert: Certificate, step: playbooks.Step) -> None:
+        """Called just before a step changes the world (target steps on the target, the others on the anchor)."""
+        action = cert.action
+        problems = self._valid(cert)
+        if step.destructive and (action.id not in self.certs or problems):
+            self.fail(
+                f"rule 1: {step.name} of {action.id} on {agent.name} without a valid certificate: {problems}"
+            )
+        if step.runs_on == "target" and action.target != agent.name:
+            self.fail(f"rule 1: {agent.name} ran {step.name} of {action.id}, which names {action.target}")
+        if action.id in self.done:
+            self.fail(f"{agent.name} ran {step.name} of {action.id} after it was recorded finished")
+        names = [s.name for s in playbooks.steps(action.kind)]
+        i = names.index(step.name)
+        ran = self.steps.setdefault(action.id, [])
+        last, progress = max(ran, default=-1), max(self.completed.get(action.id, ()), default=-1)
+        if i < progress:
+            self.fail(
+                f"{agent.name} ran {step.name} of {action.id} behind its journaled progress "
+                f"({names[progress]} done)"
+            )
+        if i > last + 1:
+            self.fail(f"{agent.name} ran {step.name} of {action.id} before {names[last + 1]}")
+        ran.append(i)
+        world = self.sim.world
+        if (
+            action.kind == "EVICT"
+            and step.name == "remove"
+            and action.target in world.members
+            and world.nodes[action.target].data == STATE
+        ):
+            left = len(self.sim.world.members) - 1
+            if left < self.sim.cfg.min_members:
+                self.fail(
+                    f"rule 3: EVICT {action.target} leaves {left} members (min_members {self.sim.cfg.min_members})"
+                )
+
+    def step_done(self, cert: Certificate, step: playbooks.Step) -> None:
+        """A step's outcome was journaled done: from now on no earlier step of its action may run."""
+        names = [s.name for s in playbooks.steps(cert.action.kind)]
+        self.completed.setdefault(cert.action.id, set()).add(names.index(step.name))
+
+    def finished(self, agent: SimAgent, action_id: str) -> None:
+        self.done.add(action_id)
+
+    def histories_complete(self) -> None:
+        """Rule 8: every finished action that changed something is in some agent's history with its certificate."""
+        for action_id in self.steps:
+            if action_id not in self.done:
+                continue
+            entries = [
+                e for a in self.sim.agents.values() for e in a.disk.history if e.action.id == action_id
+            ]
+            if not entries:
+                self.fail(f"rule 8: {action_id} ran steps and finished, but no agent's history has it")
+            for e in entries:
+                if e.cert.action != e.action or self._valid(e.cert):
+                    self.fail(f"rule 8: the history entry of {action_id} carries no valid certificate for it")

@@ -1,0 +1,764 @@
+"""One simulated agent: a thin shell, like the daemon's, around the real core.
+
+Real: `Election`, `classify_cluster` / `anchor_candidates` / `reference_membership`, `planner.decide` on the
+anchor, `guards.verdict` in every ack (each agent from its own facts: its class timers, its history, its
+escalations, its pause), `answer_ack` / `AckCollector` / `certificate_problems`, the step tables of
+`playbooks` and the target's position check (`agent.actions.target_position`). Modelled: the minkms world
+(`world.py`), persistence (a `Disk` that survives crashes, memory that does not), and the network.
+
+The shell follows agent/actions.py: facts built the same way, the anchor re-deciding every round, certifying,
+then running the steps in table order with its lease checked before each, target steps requested from the
+target (which verifies the certificate, refuses an older term and a step ahead of its journal, and answers
+"done" for a step behind or equal to its progress), every step journaled (intent, then outcome) and idempotent.
+Where it differs from the daemon, the difference is named in docs/protocol.md ("What the simulator checks").
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from agent.actions import FINISH_STEP, target_position
+from agent.core import facts as cf
+from agent.core import guards, planner, playbooks
+from agent.core.agreement import AckCollector, Held, answer_ack, certificate_problems, release
+from agent.core.classify import Tracked, held_for, track
+from agent.core.election import Ballot, Election, ElectionView, quorum, refusal
+from agent.core.messages import (
+    AckReply,
+    AckRequest,
+    Action,
+    Certificate,
+    NodeReport,
+    Report,
+    StepReply,
+    StepRequest,
+    VoteReply,
+    VoteRequest,
+)
+from agent.core.model import NodeClass
+from agent.core.view import (
+    Member,
+    NodeView,
+    PeerState,
+    anchor_candidates,
+    classify_cluster,
+    reference_membership,
+)
+from tests.sim.base import (
+    CLUSTER,
+    ELECTIONS,
+    STEP_WAIT,
+    Abort,
+    Adopt,
+    Finished,
+    StepAnswer,
+    sim_sign,
+    sim_verify,
+)
+from tests.sim.world import StepError
+
+if TYPE_CHECKING:
+    from tests.sim.sim import Simulation
+
+RECENT_FINISHED = 16
+
+
+@dataclass
+class JEntry:
+    """The journal of one action on one agent (the daemon's agent/io/journal.py, reduced)."""
+
+    action: Action
+    cert: Certificate
+    started_wall: float
+    done: list[str] = field(default_factory=list)
+    intent: str | None = None  # a step begun and not yet journaled done or failed
+    outcome: str | None = None  # "done", "failed", "aborted" once finished
+
+
+@dataclass(frozen=True)
+class HEntry:
+    action: Action
+    cert: Certificate
+    outcome: str
+    started_wall: float
+
+
+@dataclass(frozen=True)
+class Share:
+    """The anchor shares a finished action's history entry with every agent."""
+
+    entry: HEntry
+
+
+@dataclass
+class Disk:
+    """What an agent fsynced: survives crashes."""
+
+    ballot: Ballot = field(default_factory=Ballot)
+    held: Held | None = None
+    journal: dict[str, JEntry] = field(default_factory=dict)
+    history: list[HEntry] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)  # every action recorded finished here, in order
+    escalated: set[str] = field(default_factory=set)
+    pause_epoch: int = 0
+    paused_until: float = 0.0
+    max_cert_term: int = 0
+
+
+@dataclass
+class Drive:
+    """The anchor's work on one action in one term (memory only)."""
+
+    action: Action
+    term: int
+    collector: AckCollector
+    resume: bool
+    cert: Certificate | None = None
+    attempts: dict[str, int] = field(default_factory=dict)
+    waiting: str | None = None  # the step awaiting a reply (or, for verify, its condition)
+    sent: float = 0.0
+    target_done: tuple[str, ...] = ()  # the target's journaled progress, as its replies report it
+
+
+class SimAgent:
+    def __init__(
+        self, sim: Simulation, name: str, witness: bool, rate: float, offset: float, skew: float
+    ) -> None:
+        self.sim, self.name, self.witness = sim, name, witness
+        self.rate, self.offset, self.skew = rate, offset, skew
+        self.disk = Disk()
+        self.alive = False
+        self.incarnation = 0
+        self.members = tuple(
+            Member(n, None if sim.is_witness(n) else sim.world.nodes[n].host) for n in sim.cfg.names
+        )
+        self.election: Election
+        self._reset()
+
+    def _reset(self) -> None:
+        self.reports: dict[str, tuple[Report, float]] = {}
+        self.tracked: dict[str, Tracked] = {}
+        self.views: tuple[NodeView, ...] = ()
+        self.seq = 0
+        self.drive: Drive | None = None
+        self.adopted: Action | None = None  # an unfinished action learnt from a peer (memory only)
+        self.own: NodeReport | None = None
+
+    def clock(self, t: float) -> float:
+        return self.offset + self.rate * t
+
+    def wall(self) -> float:
+        return 1_000_000.0 + self.sim.t + self.skew
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    def start(self, t: float) -> None:
+        cfg = self.sim.cfg
+        self.alive = True
+        self.incarnation += 1
+        cls = ELECTIONS.get(cfg.broken or "", Election)
+        self.election = cls(
+            self.name, CLUSTER, cfg.names, cfg.timings, self.disk.ballot, self.clock(t), witness=self.witness
+        )
+        self._reset()
+        self.observe(self.clock(t))  # the daemon classifies before it listens: facts always name every node
+        self.sim.schedule(t + self.sim.rng.uniform(0, cfg.probe) / self.rate, self.tick, self.incarnation)
+
+    def crash(self) -> None:
+        self.alive = False
+
+    # -- views and facts ---------------------------------------------------------------------------------------
+
+    def _peers(self) -> dict[str, PeerState]:
+        nodes = self.sim.world.nodes
+        out = {}
+        for n in self.sim.cfg.names:
+            if n != self.name:
+                entry = self.reports.get(n)
+                live = nodes[n].live if n in nodes else None
+                out[n] = PeerState(entry[0], entry[1], live) if entry else PeerState(None, None, live)
+        return out
+
+    def _reference(self, now: float, peers: dict[str, PeerState]) -> dict[int, str] | None:
+        own = None
+        if not self.witness:
+            host = self.sim.world.nodes[self.name].host
+            own = NodeReport("", "", 0.0, host, members=self.sim.world.local_members(self.name))
+        return reference_membership(self.election.anchor_hint(now), self.name, own, peers)
+
+    def own_report(self, now: float, reference: dict[int, str] | None) -> NodeReport | None:
+        if self.witness:
+            return None
+        world = self.sim.world
+        v = world.own_verdict(self.name, reference)
+        t = self.tracked.get(self.name)
+        held = held_for(t, now) if t is not None and t.verdict.cls == v.cls else 0.0
+        node = world.nodes[self.name]
+        return NodeReport(
+            v.cls.value,
+            v.reason,
+            held,
+            node.host,
+            node_id=world.members.get(self.name),
+            commit=0,
+            members=world.local_members(self.name),
+        )
+
+    def observe(self, now: float) -> None:
+        peers = self._peers()
+        reference = self._reference(now, peers)
+        own = self.own_report(now, reference)
+        self.views = classify_cluster(
+            self.members, self.name, own, peers, reference, now, self.sim.cfg.peer_timeout
+        )
+        for v in self.views:
+            if v.verdict is not None:
+                self.tracked[v.name] = track(self.tracked.get(v.name), v.verdict, now)
+        self.own = own
+
+    def fresh_reports(self, now: float) -> list[Report]:
+        return [r for r, at in self.reports.values() if now - at <= self.sim.cfg.peer_timeout]
+
+    def facts(self, anchor: str | None, now: float) -> cf.ClusterFacts:
+        """As agent/actions.py builds them: this agent's classes and timers, the anchor's membership, its
+        journal, history, escalations and pause."""
+        cfg, world = self.sim.cfg, self.sim.world
+        reference = self._reference(now, self._peers()) or {}
+        by_host = {host: nid for nid, host in reference.items()}
+        nodes = []
+        for v in self.views:
+            host = None if self.sim.is_witness(v.name) else world.nodes[v.name].host
+            t = self.tracked.get(v.name)
+            nodes.append(
+                cf.NodeFacts(
+                    name=v.name,
+                    host=host,
+                    verdict=v.verdict,
+                    held_seconds=held_for(t, now) if t is not None and v.verdict is not None else 0.0,
+                    is_member=host in by_host if reference else host is not None,
+                    node_id=by_host.get(host) if host else None,
+                )
+            )
+        removed = tuple(
+            world.nodes[n].host for n in cfg.node_names if reference and world.nodes[n].host not in by_host
+        )
+        wall = self.wall()
+        d = self.disk
+        return cf.ClusterFacts(
+            me=self.name,
+            anchor=anchor,
+            term=self.election.term,
+            nodes=tuple(nodes),
+            unfinished=self.unfinished(),
+            removed=removed,
+            history=tuple(
+                cf.HistoryEntry(e.action.target, e.action.kind, e.started_wall, e.outcome) for e in d.history
+            ),
+            escalated=frozenset(d.escalated),
+            paused_until=d.paused_until if wall < d.paused_until else 0.0,
+            now=now,
+            wall_now=wall,
+            timings=cfg.agent_timings,
+            policy=cfg.policy,
+        )
+
+    def unfinished(self) -> Action | None:
+        if self.disk.held is not None:
+            return self.disk.held.action
+        pending = [j.action for j in self.disk.journal.values() if j.outcome is None]
+        return pending[0] if pending else self.adopted
+
+    # -- events ----------------------------------------------------------------------------------------------
+
+    def tick(self, incarnation: int) -> None:
+        if not self.alive or incarnation != self.incarnation:
+            return
+        sim = self.sim
+        sim.touched = self
+        now = self.clock(sim.t)
+        self.observe(now)
+        restarting = {r.sender for r in self.fresh_reports(now) if r.restarting}
+        eligible = tuple(c for c in anchor_candidates(self.views) if c not in restarting)
+        view = ElectionView.from_reports(eligible, self.fresh_reports(now))
+        out = self.election.tick(now, view, sim.rng.random())
+        if out is not None:
+            if out.ballot is not None and not self.persist_ballot(out.ballot):
+                self.election.persist_failed()
+            else:
+                sim.note(f"{self.name} sends {out.request}")
+                self.broadcast(out.request)
+        if self.election.is_anchor(now):
+            self.anchor_work(now)
+        else:
+            self.drive = None
+        if self.alive:
+            self.send_report(now)
+            sim.schedule(sim.t + sim.cfg.probe / self.rate, self.tick, incarnation)
+
+    def persist_ballot(self, ballot: Ballot) -> bool:
+        if self.sim.faulty and self.sim.rng.random() < self.sim.cfg.persist_fail:
+            self.sim.note(f"{self.name} fsync of {ballot} failed")
+            return False
+        if self.sim.cfg.broken != "skip-fsync":
+            self.disk.ballot = ballot
+        return True
+
+    def send_report(self, now: float) -> None:
+        self.seq += 1
+        e, d = self.election, self.disk
+        unfinished = self.unfinished()
+        report = Report(
+            CLUSTER,
+            self.name,
+            self.seq,
+            f"boot{self.incarnation}",
+            e.term,
+            e.anchor_hint(now),
+            e.lease_remaining(now) if e.is_anchor(now) else None,
+            self.own,
+            unfinished.id if unfinished else None,
+            restarting=e.restarting(now),
+            pause_epoch=d.pause_epoch,
+            paused_until=d.paused_until,
+            finished=tuple(d.finished[-RECENT_FINISHED:]),
+        )
+        self.broadcast(report)
+
+    def broadcast(self, msg: object) -> None:
+        for other in self.sim.cfg.names:
+            if other != self.name:
+                self.sim.send(self.name, other, msg)
+
+    def send_to(self, dst: str, msg: object) -> None:
+        if dst == self.name:
+            self.receive(self.name, msg)
+        else:
+            self.sim.send(self.name, dst, msg)
+
+    def receive(self, src: str, msg: object) -> None:
+        now = self.clock(self.sim.t)
+        if isinstance(msg, Report):
+            old = self.reports.get(src)
+            if old is None or old[0].boot != msg.boot or old[0].seq < msg.seq:
+                self.reports[src] = (msg, now)
+            self.on_peer_finished(msg.finished)
+            if msg.pause_epoch > self.disk.pause_epoch:
+                self.disk.pause_epoch, self.disk.paused_until = msg.pause_epoch, msg.paused_until
+        elif isinstance(msg, VoteRequest):
+            self.on_vote_request(msg, now)
+        elif isinstance(msg, VoteReply):
+            self.election.on_vote_reply(msg, now)
+        elif isinstance(msg, AckRequest):
+            if msg.anchor == src:
+                self.send_to(src, self.answer(msg, now))
+        elif isinstance(msg, AckReply):
+            self.on_ack_reply(msg, now)
+        elif isinstance(msg, StepRequest):
+            self.on_step_request(src, msg)
+        elif isinstance(msg, StepAnswer):
+            self.on_step_answer(msg, now)
+        elif isinstance(msg, Share):
+            self.on_share(msg.entry)
+        elif isinstance(msg, Abort):
+            self.on_abort(src, msg.action)
+        elif isinstance(msg, Finished):
+            self.on_peer_finished((msg.action_id,))
+        elif isinstance(msg, Adopt):
+            self.adopt(msg.action)
+
+    def on_vote_request(self, req: VoteRequest, now: float) -> None:
+        eligible = req.candidate in anchor_candidates(self.views)
+        reply, ballot = self.election.on_vote_request(req, now, eligible)
+        if ballot is not None and not self.persist_ballot(ballot):
+            self.election.persist_failed()
+            reply = refusal(reply, "could not persist the vote")
+        if reply.granted:
+            self.sim.checker.vote_sent(self, reply, req)
+        self.send_to(req.candidate, reply)
+
+    # -- every agent: acks -------------------------------------------------------------------------------------
+
+    def answer(self, req: AckRequest, now: float) -> AckReply:
+        facts = self.facts(req.anchor, now)
+        reply, held = answer_ack(
+            req,
+            cluster=CLUSTER,
+            ballot=self.election.ballot,
+            verdict=guards.verdict(req.action, facts),
+            held=self.disk.held,
+            sign=sim_sign(self.name),
+        )
+        if held is not None:
+            if self.sim.faulty and self.sim.rng.random() < self.sim.cfg.persist_fail:
+                return AckReply(False, "could not persist the ack")
+            self.disk.held = held
+        if reply.granted:
+            self.sim.checker.ack_given(self, req.action, facts, guards.is_resume(req.action, facts))
+        return reply
+
+    # -- the anchor ------------------------------------------------------------------------------------------
+
+    def anchor_work(self, now: float) -> None:
+        """One round of agent/actions.py's drive_once: decide, certify, run the next steps."""
+        facts = self.facts(self.name, now)
+        decision = planner.decide(facts)
+        for node in decision.escalate:
+            if node not in self.disk.escalated:
+                self.sim.checker.escalated(self, node, facts)
+                self.disk.escalated.add(node)
+                self.sim.stats["escalations"] += 1
+                self.sim.note(f"{self.name} escalates {node}: budget used")
+        action = decision.action
+        if action is None:
+            self.drive = None
+            return
+        term = self.election.ballot.term
+        d = self.drive
+        if d is None or d.action.id != action.id or d.term != term:
+            self.sim.checker.proposed(self, action, facts)
+            collector = AckCollector(CLUSTER, term, action, self.sim.cfg.names, sim_verify)
+            d = self.drive = Drive(action, term, collector, guards.is_resume(action, facts))
+            self.sim.stats["proposals"] += 1
+            self.sim.note(f"{self.name} proposes {action.id} in term {term}: {decision.reason}")
+        if d.cert is None:
+            self.certify(d, now)
+        else:
+            self.advance(d, now)
+
+    def certify(self, d: Drive, now: float) -> None:
+        req = AckRequest(CLUSTER, d.term, self.name, d.action)
+        if self.name not in d.collector.signers:
+            own = self.answer(req, now)
+            if not own.granted or own.ack is None:
+                if own.holding is not None:
+                    self.conflict(own.holding)
+                return
+            d.collector.add(own.ack)
+            if self.try_certify(d, now):
+                return
+        for other in self.sim.cfg.names:
+            if other != self.name and other not in d.collector.signers:
+                self.sim.send(self.name, other, req)
+
+    def on_ack_reply(self, reply: AckReply, now: float) -> None:
+        d = self.drive
+        if d is None or d.cert is not None or not self.election.is_anchor(now):
+            return
+        if reply.granted and reply.ack is not None:
+            if d.collector.add(reply.ack) is None:
+                self.try_certify(d, now)
+        elif reply.holding is not None:
+            self.conflict(reply.holding)
+        elif d.resume and d.action.kind == "REJOIN":
+            # Sim-only resolution (docs/protocol.md): a peer refuses to re-certify the unfinished action; its
+            # target closes it if nothing of it ran, else answers Adopt. The daemon has no such path yet.
+            self.sim.stats["aborts_sent"] += 1
+            self.send_to(d.action.target, Abort(d.action))
+
+    def conflict(self, holding: Action) -> None:
+        """An agent holds a different unfinished action. A REJOIN's target closes it if it ran no step of it
+        (Abort), or answers Adopt; an EVICT is adopted at once. Either way this anchor then resumes it."""
+        d = self.drive
+        if d is not None and d.action.id == holding.id:
+            return
+        if holding.kind == "REJOIN":
+            self.sim.stats["aborts_sent"] += 1
+            self.send_to(holding.target, Abort(holding))
+        else:
+            self.adopt(holding)  # an EVICT's steps run on anchors only: no target can tell that none ran
+
+    def adopt(self, action: Action) -> None:
+        """DESIGN §4.4: a new anchor adopts the unfinished action and re-certifies it before anything else."""
+        if self.unfinished() is None and action.id not in self.disk.finished:
+            self.adopted = action
+            self.drive = None
+            self.sim.note(f"{self.name} adopts {action.id}")
+
+    def try_certify(self, d: Drive, now: float) -> bool:
+        cert = d.collector.certificate()
+        if cert is None or d.cert is not None:
+            return False
+        d.cert = cert
+        self.sim.checker.certified(self, cert, d.resume)
+        self.sim.note(f"{self.name} certified {cert.action.id} in term {cert.term}")
+        self.advance(d, now)
+        return True
+
+    def advance(self, d: Drive, now: float) -> None:
+        """agent/actions.py's _advance: the steps in order, the lease checked before each."""
+        cert = d.cert
+        assert cert is not None
+        action, probe = cert.action, self.sim.cfg.probe
+        table = playbooks.steps(action.kind)
+        for i, step in enumerate(table):
+            if not self.alive or self.drive is not d:
+                return
+            if not self.election.is_anchor(self.clock(self.sim.t)):
+                self.sim.note(f"{self.name} lost its lease before {step.name} of {action.id}")
+                return
+            j = self.disk.journal.get(action.id)
+            if j is not None and step.name in j.done:
+                continue
+            if self.sim.cfg.broken != "rerun-anchor-steps" and any(
+                s.name in d.target_done for s in table[i + 1 :] if s.runs_on == "target"
+            ):
+                self.mirror(cert, step.name)  # the target is past it: it was done, by an earlier anchor
+                continue
+            if step.runs_on == "target" and action.target != self.name:
+                if d.waiting == step.name and now - d.sent < STEP_WAIT * probe:
+                    return
+                if d.waiting == step.name:
+                    d.waiting = None
+                    self.failed(d, step, "no answer in time")
+                    return
+                d.waiting, d.sent = step.name, now
+                self.sim.send(self.name, action.target, StepRequest(cert, step.name))
+                return
+            if step.name == "verify" and not self.verified(action, now):
+                if d.waiting != "verify":
+                    d.waiting, d.sent = "verify", now
+                if now - d.sent < 3 * STEP_WAIT * probe:
+                    return
+                d.waiting = None
+            result = self.journaled(
+                cert, step, functools.partial(self.run_anchor_step, action, step.name, now)
+            )
+            if result is None:
+                return
+            ok, detail = result
+            if not ok:
+                self.failed(d, step, detail)
+                return
+        self.close(d, "done", "every step done")
+
+    def verified(self, action: Action, now: float) -> bool:
+        world = self.sim.world
+        if action.kind == "EVICT":
+            # Deviation (docs/protocol.md): the daemon waits for writes, which never work while another failed
+            # member remains (the EVICTs that make room for several lost nodes); the sim checks what it can.
+            lost = [m for m in world.members if not world.nodes[m].live or world.nodes[m].data == "empty"]
+            return action.target not in world.members and (world.writable() or bool(lost))
+        if not world.writable():
+            return False
+        view = next((v for v in self.views if v.name == action.target), None)
+        return bool(view and view.verdict and view.verdict.cls is NodeClass.HEALTHY)
+
+    def run_anchor_step(self, action: Action, step: str, now: float) -> str:
+        world = self.sim.world
+        if step == "remove":
+            return world.remove(self.name, action.target)
+        if step == "add":
+            return world.add(self.name, action.target)
+        if step == "verify":
+            if not self.verified(action, now):
+                raise StepError("timed out waiting for the target to be HEALTHY and writes to work")
+            return "verified"
+        raise StepError(f"{step} is not a step of the anchor")
+
+    def on_step_answer(self, ans: StepAnswer, now: float) -> None:
+        d = self.drive
+        if d is None or d.cert is None or d.action.id != ans.action_id or ans.step == FINISH_STEP:
+            return
+        if len(ans.reply.progress) > len(d.target_done):
+            d.target_done = ans.reply.progress
+        if ans.finished:
+            self.sim.note(f"{self.name} stops {ans.action_id}: its target has it finished")
+            self.on_peer_finished((ans.action_id,))
+            return
+        if d.waiting != ans.step:
+            return
+        d.waiting = None
+        step = next(s for s in playbooks.steps(d.action.kind) if s.name == ans.step)
+        if ans.reply.ok:
+            self.mirror(d.cert, ans.step)
+            if self.election.is_anchor(now):
+                self.advance(d, now)
+        else:
+            self.failed(d, step, ans.reply.detail)
+
+    def mirror(self, cert: Certificate, step: str) -> None:
+        """Record a step done elsewhere in this agent's journal, so that a resumed drive skips it."""
+        j = self.disk.journal.setdefault(cert.action.id, JEntry(cert.action, cert, self.wall()))
+        if step not in j.done:
+            j.done.append(step)
+
+    def failed(self, d: Drive, step: playbooks.Step, detail: str) -> None:
+        attempts = d.attempts[step.name] = d.attempts.get(step.name, 0) + 1
+        self.sim.note(
+            f"{self.name}: {step.name} of {d.action.id} failed ({attempts}/{step.attempts}): {detail}"
+        )
+        if attempts < step.attempts:
+            return
+        self.close(d, "aborted" if step.on_failure == "abort" else "failed", f"{step.name}: {detail}")
+        if step.on_failure == "escalate":
+            self.disk.escalated.add(d.action.target)
+            self.sim.stats["escalations"] += 1
+
+    def close(self, d: Drive, outcome: str, detail: str) -> None:
+        cert = d.cert
+        assert cert is not None
+        action = cert.action
+        j = self.disk.journal.setdefault(action.id, JEntry(action, cert, self.wall()))
+        entry = self.record_finished(j, outcome)
+        self.sim.stats[outcome] += 1
+        self.sim.note(f"{self.name} closes {action.id}: {outcome} ({detail})")
+        if action.target != self.name:
+            self.sim.send(self.name, action.target, StepRequest(cert, FINISH_STEP))
+        self.broadcast(Share(entry))
+        self.drive = None
+
+    def record_finished(self, j: JEntry, outcome: str) -> HEntry:
+        j.outcome, j.intent = outcome, None
+        entry = HEntry(j.action, j.cert, outcome, j.started_wall)
+        if all(e.action.id != j.action.id for e in self.disk.history):
+            self.disk.history.append(entry)
+        self.finish(j.action.id)
+        return entry
+
+    def finish(self, action_id: str) -> None:
+        d = self.disk
+        if action_id not in d.finished:
+            d.finished.append(action_id)
+        d.held = release(d.held, action_id)
+        self.sim.checker.finished(self, action_id)
+
+    def on_share(self, entry: HEntry) -> None:
+        problems = certificate_problems(
+            entry.cert, CLUSTER, self.sim.cfg.names, quorum(self.sim.cfg.agents), sim_verify
+        )
+        if problems or entry.cert.action != entry.action:
+            return
+        if all(e.action.id != entry.action.id for e in self.disk.history):
+            self.disk.history.append(entry)
+        self.on_peer_finished((entry.action.id,))
+
+    def on_peer_finished(self, finished: tuple[str, ...]) -> None:
+        d = self.disk
+        for action_id in finished:
+            if d.held is not None and d.held.action.id == action_id:
+                d.held = None
+            j = d.journal.get(action_id)
+            if j is not None and j.outcome is None:
+                self.record_finished(j, "done")
+            elif action_id not in d.finished:
+                d.finished.append(action_id)
+            if self.drive is not None and self.drive.action.id == action_id:
+                self.drive = None
+            if self.adopted is not None and self.adopted.id == action_id:
+                self.adopted = None
+
+    # -- the target ----------------------------------------------------------------------------------------
+
+    def on_step_request(self, src: str, req: StepRequest) -> None:
+        cert, action = req.certificate, req.certificate.action
+        problems = certificate_problems(
+            cert, CLUSTER, self.sim.cfg.names, quorum(self.sim.cfg.agents), sim_verify
+        )
+        if problems or action.target != self.name:
+            reply = StepReply(False, "certificate refused")
+        else:
+            result = self.target_step(cert, req.step)
+            if result is None:
+                return  # crashed before answering
+            reply = result
+        finished = action.id in self.disk.finished and req.step != FINISH_STEP
+        self.send_to(src, StepAnswer(action.id, req.step, reply, finished))
+
+    def target_step(self, cert: Certificate, step_name: str) -> StepReply | None:
+        """agent/actions.py's _target_step."""
+        action, d = cert.action, self.disk
+        if cert.term < d.max_cert_term:
+            return StepReply(
+                False, f"refused: term {cert.term} is older than term {d.max_cert_term} already seen"
+            )
+        j = d.journal.get(action.id)
+        done = list(j.done) if j is not None else []
+        if step_name == FINISH_STEP:
+            if j is not None and j.outcome is None:
+                self.record_finished(j, "done")
+            self.finish(action.id)
+            return StepReply(True, "finished", tuple(done))
+        if action.id in d.finished:
+            return StepReply(True, "already finished", tuple(done))
+        try:
+            where = target_position(action.kind, step_name, done)
+        except ValueError as exc:
+            return StepReply(False, f"refused: {exc}", tuple(done))
+        if where in ("behind", "repeat"):
+            return StepReply(True, f"{step_name}: {where}", tuple(done))
+        if where == "ahead":
+            return StepReply(False, f"refused: {step_name} before its earlier steps", tuple(done))
+        d.max_cert_term = max(d.max_cert_term, cert.term)
+        step = next(s for s in playbooks.steps(action.kind) if s.name == step_name)
+        result = self.journaled(cert, step, lambda: self.run_target_step(step_name))
+        if result is None:
+            return None
+        j = d.journal[action.id]
+        return StepReply(result[0], result[1], tuple(j.done))
+
+    def run_target_step(self, step: str) -> str:
+        world, me = self.sim.world, self.name
+        run: dict[str, Callable[[str], str]] = {
+            "fence": world.fence,
+            "quarantine": world.quarantine,
+            "start": world.start,
+            "mark": world.mark,
+        }
+        if step not in run:
+            raise StepError(f"{step} is not a step of the target")
+        return run[step](me)
+
+    def on_abort(self, src: str, action: Action) -> None:
+        """Close a conflicting REJOIN that this target never ran a step of; otherwise ask the sender to adopt it."""
+        if action.target != self.name:
+            return
+        if action.id in self.disk.finished:
+            self.send_to(src, Finished(action.id))
+            return
+        j = self.disk.journal.get(action.id)
+        if j is not None and (j.done or j.intent):
+            self.send_to(src, Adopt(action))
+            return
+        self.sim.stats["aborts"] += 1
+        self.sim.note(f"{self.name} aborts {action.id}: it never ran a step of it")
+        self.finish(action.id)
+        self.broadcast(Finished(action.id))
+
+    # -- journaled steps, with crashes between intent, effect and outcome ---------------------------------------
+
+    def journaled(
+        self, cert: Certificate, step: playbooks.Step, run: Callable[[], str]
+    ) -> tuple[bool, str] | None:
+        """Intent (fsync), the step, outcome (fsync); None when the agent crashed on the way."""
+        sim, action = self.sim, cert.action
+        j = self.disk.journal.setdefault(action.id, JEntry(action, cert, self.wall()))
+        j.cert, j.intent = cert, step.name
+        if self.crash_point(f"after the intent of {step.name}"):
+            return None
+        sim.checker.step_run(self, cert, step)
+        sim.note(f"{self.name} runs {step.name} of {action.id}")
+        try:
+            if sim.faulty and step.name != "verify" and sim.rng.random() < sim.cfg.step_fail:
+                raise StepError("injected failure")
+            ok, detail = True, run()
+        except StepError as exc:
+            ok, detail = False, str(exc)
+        if self.crash_point(f"after {step.name} ran, before its outcome"):
+            return None
+        j.intent = None
+        if ok:
+            sim.checker.step_done(cert, step)
+            if step.name not in j.done:
+                j.done.append(step.name)
+        return ok, detail
+
+    def crash_point(self, where: str) -> bool:
+        sim = self.sim
+        if not sim.faulty or sim.rng.random() >= sim.cfg.step_crash / 2:
+            return False
+        sim.note(f"CRASH {self.name} {where}")
+        sim.crash(self.name)
+        return True

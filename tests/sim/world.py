@@ -1,0 +1,158 @@
+"""The simulated world around the agents: hosts, their minkms nodes and the cluster's membership.
+
+Modelled, not real: each node is a few fields (host up, minkms running, what its storage holds, its identity
+marker), the cluster is one membership map (minkms keeps it consistent; the sim does not model Raft). What an
+agent reads from it goes through the real core: its own node's verdict follows `classify_local`'s precedence,
+its peers are classified by the real `classify_cluster` from their reports and a direct probe of their minkms.
+
+The steps of the playbooks change the world here, each idempotent as DESIGN §5 states it, and each refusing
+when its precondition does not hold (a failure the executor then counts against the step's attempts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agent.core.classify import Verdict
+from agent.core.model import NodeClass
+
+STATE, EMPTY, FRESH = "state", "empty", "fresh"
+
+
+@dataclass
+class Node:
+    name: str
+    host: str
+    up: bool = True  # the host is powered; when False neither its agent nor its minkms runs
+    running: bool = True  # the minkms process
+    data: str = STATE  # what the storage path holds: the cluster's state, nothing, or a fresh 1-node cluster
+    marker_ok: bool = True  # the agent's identity marker is beside the state
+
+    @property
+    def live(self) -> bool:
+        """What a probe of its minkms sees (partitions cut agents' links only, as in the lab)."""
+        return self.up and self.running
+
+
+class StepError(Exception):
+    """A step's precondition does not hold: the step fails (and is retried or ends the action)."""
+
+
+class World:
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.nodes = {n: Node(n, f"h-{n}") for n in names}
+        self.members: dict[str, int] = {n: i for i, n in enumerate(names)}  # node name -> minkms node id
+        self.next_id = len(names)
+
+    # -- truth -------------------------------------------------------------------------------------------------
+
+    def healthy(self, name: str) -> bool:
+        """True health: up, running, holding the cluster's state with its marker, and a member."""
+        n = self.nodes[name]
+        return n.live and n.data == STATE and n.marker_ok and name in self.members
+
+    def needs_care(self) -> list[str]:
+        return sorted(n for n in self.nodes if not self.healthy(n))
+
+    def writable(self) -> bool:
+        """minkms writes need every member up (DESIGN §2)."""
+        return all(self.nodes[m].live and self.nodes[m].data != EMPTY for m in self.members)
+
+    def membership(self) -> tuple[tuple[int, str], ...]:
+        return tuple(sorted((nid, self.nodes[n].host) for n, nid in self.members.items()))
+
+    def local_members(self, name: str) -> tuple[tuple[int, str], ...]:
+        """The membership a node's own `minkms stat` reports: nothing when down or removed, itself when fresh."""
+        n = self.nodes[name]
+        if not n.live:
+            return ()
+        if n.data == FRESH and name not in self.members:
+            return ((0, n.host),)
+        return self.membership() if name in self.members else ()
+
+    def own_verdict(self, name: str, reference: dict[int, str] | None) -> Verdict:
+        """The node's verdict on itself, in `classify_local`'s order: lost state, down, evicted, degraded, healthy."""
+        n = self.nodes[name]
+        if n.data == EMPTY:
+            return Verdict(NodeClass.STATE_LOST, "storage path is empty")
+        if not n.marker_ok:
+            return Verdict(NodeClass.STATE_LOST, "identity marker is missing: the volume was replaced")
+        if not n.running:
+            return Verdict(NodeClass.DOWN, "service is inactive")
+        members = reference or dict(self.local_members(name)) or None
+        if members is None:
+            return Verdict(NodeClass.DEGRADED, "membership unknown: no anchor and no local member list")
+        if n.host not in members.values():
+            return Verdict(NodeClass.EVICTED, "not in the cluster's membership")
+        return Verdict(NodeClass.HEALTHY, "live, ready, a member, storage ok")
+
+    # -- faults ------------------------------------------------------------------------------------------------
+
+    def lose_state(self, name: str) -> None:
+        """Disk loss: the state and the marker are gone; minkms dies and preflight keeps it from starting fresh."""
+        n = self.nodes[name]
+        n.data, n.marker_ok, n.running = EMPTY, False, False
+
+    def host_down(self, name: str) -> None:
+        self.nodes[name].up = False
+
+    def host_up(self, name: str) -> None:
+        """The host boots: minkms starts unless preflight refuses (an empty storage path of a cluster member)."""
+        n = self.nodes[name]
+        n.up = True
+        n.running = n.data != EMPTY
+
+    # -- the steps of the playbooks (DESIGN §5); each returns what it did, or raises StepError ----------------
+
+    def fence(self, target: str) -> str:
+        n = self.nodes[target]
+        if not n.up:
+            raise StepError(f"{target}'s host is down")
+        was = n.running
+        n.running = False
+        return "minkms stopped" if was else "minkms was already stopped"
+
+    def quarantine(self, target: str) -> str:
+        n = self.nodes[target]
+        if n.running:
+            raise StepError("minkms is running: fence first")
+        moved = n.data != EMPTY
+        n.data, n.marker_ok = EMPTY, False
+        return "state moved aside" if moved else "nothing left to move"
+
+    def remove(self, anchor: str, target: str) -> str:
+        if not self.healthy(anchor):
+            raise StepError(f"the anchor {anchor} cannot run `minkms edit`: it is not a healthy member")
+        if target not in self.members:
+            return f"{target} is not a member: nothing to remove"
+        del self.members[target]
+        return f"removed {target}"
+
+    def start(self, target: str) -> str:
+        n = self.nodes[target]
+        if not n.up:
+            raise StepError(f"{target}'s host is down")
+        if target in self.members or n.data == STATE:
+            raise StepError("start needs an empty storage path on a node that is not a member")
+        n.running, n.data = True, FRESH
+        return "minkms started fresh"
+
+    def add(self, anchor: str, target: str) -> str:
+        if target in self.members:
+            return f"{target} is already a member"
+        n = self.nodes[target]
+        if not self.healthy(anchor) or not self.writable():
+            raise StepError("the cluster does not accept writes: every member must be up")
+        if not (n.live and n.data == FRESH):
+            raise StepError(f"{target} is not a live fresh node")
+        self.members[target] = self.next_id
+        self.next_id += 1
+        n.data = STATE
+        return f"added {target} as node {self.members[target]}"
+
+    def mark(self, target: str) -> str:
+        n = self.nodes[target]
+        if not (n.live and n.data == STATE and target in self.members):
+            raise StepError(f"{target} is not a live member")
+        n.marker_ok = True
+        return "identity marker written"
