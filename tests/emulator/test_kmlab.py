@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -153,18 +152,3 @@ def test_runbook_refuses_when_no_healthy_member_is_left(lab_factory: Callable[..
     lab = lab_factory(1)
     proc = kmlab("runbook", "rejoin", "node1", "--dir", str(lab.dir))
     assert proc.returncode == 1 and "no healthy member" in proc.stderr
-
-
-def test_demo_runs_end_to_end_and_tears_down(tmp_path: Path) -> None:
-    env = {**os.environ, "TMPDIR": str(tmp_path)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "emulator.lab.demo", "--keys", "5"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "failures: 0" in proc.stdout and "fault to healthy cluster" in proc.stdout
-    assert lab_processes(tmp_path) == []
-    assert list(tmp_path.iterdir()) == []  # purged
