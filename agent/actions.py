@@ -56,7 +56,8 @@ ACK_PATH = "/v1/peer/ack"
 STEP_PATH = "/v1/peer/step"
 HISTORY_PATH = "/v1/peer/history"
 REQUEST_PATH = "/v1/peer/request"
-FINISH_STEP = "finish"  # not in the tables: the target closes its journal and releases what it held
+FINISH_STEP = "finish"
+FINISHED = "already finished"  # not in the tables: the target closes its journal and releases what it held
 RECENT_FINISHED = 16  # finished action ids carried in reports, so that every acker releases them
 
 
@@ -173,10 +174,25 @@ class Actions:
         )
 
     def unfinished(self) -> Action | None:
+        """The unfinished action this agent holds (acked or journaled), else one a peer reports holding: an anchor
+        that never acked an action must still resume it, or its holders would refuse every other action."""
         if self.held is not None:
             return self.held.action
         pending = self.journal.state().unfinished()
-        return pending[0].action if pending else None
+        if pending:
+            return pending[0].action
+        return self._reported_unfinished()
+
+    def _reported_unfinished(self) -> Action | None:
+        now = time.monotonic()
+        timeout = self.cfg.timings.peer_timeout
+        finished = set(self.finished_ids())
+        for link in self.coordinator.links.values():
+            report = fresh_report(link.state, now, timeout)
+            action = report.in_flight_action if report is not None else None
+            if action is not None and action.id not in finished and self.history.find(action.id) is None:
+                return action
+        return None
 
     def finished_ids(self) -> tuple[str, ...]:
         return tuple(e.action.id for e in self.history.entries(limit=RECENT_FINISHED))
@@ -220,7 +236,12 @@ class Actions:
             return self._answer(req)
 
     def _answer(self, req: AckRequest) -> AckReply:
-        verdict = guards.verdict(req.action, self.facts(anchor=req.anchor))
+        if not self.coordinator.views:
+            return AckReply(False, "not ready: this agent has no view of the cluster yet")
+        try:
+            verdict = guards.verdict(req.action, self.facts(anchor=req.anchor))
+        except ValueError as exc:  # e.g. an anchor name this agent does not know
+            return AckReply(False, f"cannot judge the request: {exc}")
         reply, held = answer_ack(
             req,
             cluster=self.cfg.cluster,
@@ -276,7 +297,16 @@ class Actions:
             self._save_held(release(self.held, action.id))
             return StepReply(True, "finished", tuple(done))
         if state is not None and state.finished:
-            return StepReply(True, "already finished", tuple(done))
+            return StepReply(False, f"{FINISHED}: this node closed the action already", tuple(done))
+        if state is None and action.kind == "REJOIN":
+            # The first step on this node: its own view must call for it. A resumed action that was never
+            # started, whose node has recovered since, must never fence and wipe a healthy node.
+            mine = self.coordinator.tracked.get(self.cfg.name)
+            cls = mine.verdict.cls if mine is not None else None
+            if cls not in (NodeClass.STATE_LOST, NodeClass.CORRUPT, NodeClass.EVICTED):
+                return StepReply(
+                    False, f"refused: this node is {cls or 'not yet classified'} in its own view"
+                )
         try:
             where = target_position(action.kind, step_name, done)
         except ValueError as exc:
@@ -518,6 +548,11 @@ class Actions:
                     return  # again next round
                 d.unanswered.pop(step.name, None)
                 d.target_done = reply.progress or d.target_done
+                if reply.detail.startswith(
+                    FINISHED
+                ):  # recorded finished by an earlier anchor: nothing more to do
+                    await self._close(d, "done", f"{step.name}: the target had closed it already")
+                    return
                 if ok:
                     # mirror the target's progress in our own journal, so a resumed drive skips it
                     await self._journaled(cert, step.name, _noop(detail))
@@ -599,6 +634,11 @@ class Actions:
         host = target.minkms_host
         timeout = _step(action.kind, step_name).timeout
         if step_name == "remove":
+            if action.kind == "EVICT":
+                view = next((v for v in self.coordinator.views if v.name == action.target), None)
+                cls = view.verdict.cls if view is not None and view.verdict is not None else None
+                if cls not in (NodeClass.UNREACHABLE, NodeClass.STATE_LOST, NodeClass.CORRUPT):
+                    raise StepFailed(f"{action.target} is {cls} now: not evicted")
             members = await _membership(agent)
             ids = [nid for nid, h in members.items() if h == host]
             if not ids:
@@ -619,6 +659,16 @@ class Actions:
         if step_name == "verify":
             if action.kind == "REJOIN":
                 await _until(timeout, lambda: self._healthy(action.target), f"{action.target} to be HEALTHY")
+            waiting = [
+                v.name
+                for v in self.coordinator.views
+                if v.name != action.target
+                and v.verdict is not None
+                and v.verdict.cls in (NodeClass.UNREACHABLE, NodeClass.STATE_LOST, NodeClass.CORRUPT)
+            ]
+            if action.kind == "EVICT" and waiting:
+                # another failed node is still a member (several failures: it is removed next): writes wait for it
+                return f"verified: {host} is out; writes wait for {', '.join(waiting)}"
             await _until(timeout, lambda: self._writable(agent), "the anchor to accept writes")
             return "verified: writes work" + (f", {action.target} HEALTHY" if action.kind == "REJOIN" else "")
         raise StepFailed(f"{step_name} is not a step of the anchor")

@@ -247,6 +247,7 @@ class Coordinator:
                 if v.verdict is not None and v.name in self.tracked
             ),
             in_flight=self._in_flight(),
+            in_flight_action=self.actions.unfinished() if self.actions is not None else None,
             finished=self.actions.finished_ids() if self.actions is not None else (),
             pause_epoch=self.pause.epoch,
             paused_until=self.pause.until,

@@ -42,6 +42,9 @@ class Report:
     anchor_lease_seconds: float | None  # when the sender is anchor: the lease it still holds, on its clock
     node: NodeReport | None
     in_flight: str | None = None  # the unfinished action id it has acked or drives
+    in_flight_action: Action | None = (
+        None  # that action whole: a new anchor that never acked it can resume it
+    )
     version: str = ""
     restarting: bool = False  # within one lease of its start: it votes for nobody and does not stand
     views: tuple[tuple[str, str, float], ...] = ()  # its classification of every node: (name, class, held s)
