@@ -63,7 +63,9 @@ def report(**node_changes: Any) -> Report:
         ),
         **node_changes,
     )
-    return Report("prod", "km1", 7, "boot-1", 3, "km1", 8.0, node, in_flight=None, paused_until=0.0, version="1")
+    return Report(
+        "prod", "km1", 7, "boot-1", 3, "km1", 8.0, node, in_flight=None, paused_until=0.0, version="1"
+    )
 
 
 def error_of(cls: type, data: object) -> str:
