@@ -195,6 +195,7 @@ class Lab:
         restart_sec: float = 0.5,
         agents: bool = False,
         agent_timings: Mapping[str, str] | None = None,
+        agent_policy: Mapping[str, str | int | bool] | None = None,
     ) -> None:
         if n_nodes < 1 or n_nodes > 50:
             raise LabError("--nodes must be between 1 and 50")
@@ -229,6 +230,7 @@ class Lab:
             "restart_sec": restart_sec,
             "agents": agents,
             "agent_timings": {**LAB_TIMINGS, **(agent_timings or {})},
+            "agent_policy": dict(agent_policy or {}),
             "nodes": [asdict(n) for n in nodes],
         }
         self.meta_path.write_text(json.dumps(meta, indent=2) + "\n")
@@ -256,6 +258,9 @@ class Lab:
             for n in nodes
         )
         timings = self.meta().get("agent_timings") or LAB_TIMINGS
+        policy = self.meta().get("agent_policy") or {}
+        # [policy] only when asked for (e.g. actions_per_hour = 1 to see a node escalated): else the defaults
+        policy_table = "".join(f"{k} = {_toml_value(v)}\n" for k, v in policy.items())
         for node in nodes:
             base = Path(node.dir) / "agent"
             base.mkdir(parents=True, exist_ok=True)
@@ -275,6 +280,8 @@ class Lab:
                 f'[control]\nsocket = "{self.agent_socket(node)}"\n\n'
                 f'[metrics]\naddress = "{node.ip}:9464"\n'
             )
+            if policy_table:
+                text += f"\n[policy]\n{policy_table}"
             self.agent_config(node).write_text(text)
 
     def agent_program(self, node: LabNode) -> dict[str, Any]:
@@ -375,6 +382,7 @@ class Lab:
         agents: bool = False,
         prepare: Callable[[Lab], None] | None = None,
         agent_timings: Mapping[str, str] | None = None,
+        agent_policy: Mapping[str, str | int | bool] | None = None,
     ) -> None:
         """Create (or resume) the lab and return once the cluster is formed.
 
@@ -383,7 +391,9 @@ class Lab:
         """
         fresh = not self.exists()
         if fresh:
-            self.create(n_nodes, heartbeat, agents=agents, agent_timings=agent_timings)
+            self.create(
+                n_nodes, heartbeat, agents=agents, agent_timings=agent_timings, agent_policy=agent_policy
+            )
             if prepare is not None:
                 prepare(self)
         elif self.running():
@@ -621,7 +631,10 @@ class Lab:
 
 
 def _toml_value(value: object) -> str:
-    """A timing for the agents' TOML: counts bare (crash_loop_restarts), durations quoted ("30s")."""
+    """A timing or policy value for the agents' TOML: counts bare (crash_loop_restarts), booleans as TOML
+    booleans, durations quoted ("30s")."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
     text = str(value)
     return text if text.isdigit() else json.dumps(text)
 
