@@ -13,6 +13,7 @@ import dataclasses
 import datetime
 import enum
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -94,6 +95,8 @@ class Actions:
         self.signer = Signer.from_files(Path(cfg.tls.cert), Path(cfg.tls.key), cfg.name)
         self.verifier = AckVerifier.from_file(Path(cfg.tls.ca), [a.name for a in cfg.agents])
         self.held: Held | None = self.journal.load_held()
+        self.since: dict[str, float] = {}
+        self.acks: dict[str, float] = {}
         self.escalated: frozenset[str] = self._load_escalated()
         self.drive: Drive | None = None
         self.requested: Action | None = (
@@ -166,6 +169,7 @@ class Actions:
             removed=removed,
             history=history,
             escalated=self.escalated,
+            acked=self.ack_items(),
             paused_until=pause.until if pause.active(time.time()) else 0.0,
             now=now,
             wall_now=time.time(),
@@ -217,16 +221,43 @@ class Actions:
 
     # ---- escalation (DESIGN §6.6) --------------------------------------------------------------------------
     def _load_escalated(self) -> frozenset[str]:
+        """Escalated nodes (name -> since, wall) and operators' acks (name -> when), in one file."""
         try:
             data = read_json(self.escalated_path)
         except (OSError, ValueError) as exc:
             log.error(logs.kv(event="escalated_unreadable", path=self.escalated_path, error=exc))
-            return frozenset(a.name for a in self.cfg.members)  # when in doubt, do not act
-        return frozenset(x for x in data if isinstance(x, str)) if isinstance(data, list) else frozenset()
+            self.since = {a.name: time.time() for a in self.cfg.members}  # when in doubt, do not act
+            return frozenset(self.since)
+        data = data if isinstance(data, dict) else {}
+        self.since = {k: float(v) for k, v in data.get("escalated", {}).items() if isinstance(v, int | float)}
+        self.acks = {k: float(v) for k, v in data.get("acks", {}).items() if isinstance(v, int | float)}
+        return frozenset(self.since)
+
+    def _save_escalation(self) -> None:
+        write_json(self.escalated_path, {"escalated": self.since, "acks": self.acks})
+        self.escalated = frozenset(self.since)
 
     def set_escalated(self, names: frozenset[str]) -> None:
-        write_json(self.escalated_path, sorted(names))
-        self.escalated = names
+        now = time.time()
+        self.since = {n: self.since.get(n, now) for n in names}
+        self._save_escalation()
+
+    def merge_acks(self, acks: tuple[tuple[str, float], ...]) -> None:
+        """Acks given on any host reach every agent through the reports: the latest per node wins, and it
+        releases an escalation older than itself."""
+        changed = False
+        for node, when in acks:
+            if self.cfg.agent(node) is None or when <= self.acks.get(node, -math.inf):
+                continue
+            self.acks[node] = when
+            if self.since.get(node, math.inf) <= when:
+                del self.since[node]
+            changed = True
+        if changed:
+            self._save_escalation()
+
+    def ack_items(self) -> tuple[tuple[str, float], ...]:
+        return tuple(sorted(self.acks.items()))
 
     # ---- every agent: acks -----------------------------------------------------------------------------------
     async def on_ack(self, peer: str, req: AckRequest) -> AckReply:
@@ -749,14 +780,17 @@ class Actions:
         )
 
     def ack(self, node: str) -> str:
-        """Release an ESCALATED node (`kmagent ack NODE`): automation may act on it again."""
+        """`kmagent ack NODE`: release an ESCALATED node and start its budget afresh, on every agent (the ack
+        travels in the reports)."""
         if self.cfg.agent(node) is None:
             raise ValueError(f"{node!r} is not a configured agent")
-        if node not in self.escalated:
-            return f"{node} is not escalated: nothing to do"
-        self.set_escalated(self.escalated - {node})
-        log.warning(logs.kv(event="escalation_acknowledged", node=node))
-        return f"{node} released: automation may act on it again (budget and cooldown still apply)"
+        was = node in self.escalated
+        self.merge_acks(((node, time.time()),))
+        log.warning(logs.kv(event="escalation_acknowledged", node=node, was_escalated_here=was))
+        return (
+            f"{node} acknowledged: its escalation is released and its hourly budget starts afresh on every agent "
+            "(the cooldown still applies)"
+        )
 
     # ---- status --------------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

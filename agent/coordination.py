@@ -123,6 +123,8 @@ class ActionsHooks(Protocol):
     def on_peer_finished(self, finished: tuple[str, ...]) -> None: ...
     def finished_ids(self) -> tuple[str, ...]: ...
     def unfinished(self) -> Action | None: ...
+    def merge_acks(self, acks: tuple[tuple[str, float], ...]) -> None: ...
+    def ack_items(self) -> tuple[tuple[str, float], ...]: ...
 
 
 @dataclass
@@ -194,6 +196,8 @@ class Coordinator:
         link.state = PeerState(report, now, link.state.minkms_live)
         if self.actions is not None and report.finished:
             self.actions.on_peer_finished(report.finished)
+        if self.actions is not None and report.acks:
+            self.actions.merge_acks(report.acks)
         theirs = Pause(report.pause_epoch, report.paused_until, report.pause_reason)
         if theirs.newer_than(self.pause):
             self._set_pause(theirs)
@@ -249,6 +253,7 @@ class Coordinator:
             in_flight=self._in_flight(),
             in_flight_action=self.actions.unfinished() if self.actions is not None else None,
             finished=self.actions.finished_ids() if self.actions is not None else (),
+            acks=self.actions.ack_items() if self.actions is not None else (),
             pause_epoch=self.pause.epoch,
             paused_until=self.pause.until,
             pause_reason=self.pause.reason,

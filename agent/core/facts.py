@@ -63,6 +63,9 @@ class ClusterFacts:
     removed: tuple[str, ...]  # configured member hosts missing from the anchor's membership
     history: tuple[HistoryEntry, ...]  # recent actions, any order
     escalated: frozenset[str]  # nodes automation has stopped for, until `kmagent ack`
+    acked: tuple[
+        tuple[str, float], ...
+    ] = ()  # (node, wall time of its last `kmagent ack`): the budget restarts
     paused_until: float  # wall-clock epoch seconds; 0: not paused
     now: float  # monotonic: the instant held_seconds were measured at
     wall_now: float  # wall clock: for history, cooldown, budget and pause

@@ -15,6 +15,7 @@ add to its history, so requiring again what licensed its start would strand a fe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -326,7 +327,9 @@ def _cooldown(action: Action, facts: ClusterFacts) -> str | None:
 
 
 def _budget(action: Action, facts: ClusterFacts) -> str | None:
-    used = len(_actions_within(action.target, facts, HOUR))
+    # An operator's `kmagent ack` starts the node's budget afresh: the actions before it were looked at.
+    since = dict(facts.acked).get(action.target, -math.inf)
+    used = len([t for t in _actions_within(action.target, facts, HOUR) if t > since])
     budget = facts.policy.actions_per_hour
     if used >= budget:
         return f"{used} actions on {action.target} within the last hour: the budget is {budget} per hour"

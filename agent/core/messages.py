@@ -55,6 +55,9 @@ class Report:
     paused_until: float = 0.0
     pause_reason: str = ""  # who paused, and why, for status
     finished: tuple[str, ...] = ()  # ids of the actions it recorded finished lately: ackers release them
+    acks: tuple[
+        tuple[str, float], ...
+    ] = ()  # (node, wall time) of the latest `kmagent ack` it knows per node
 
 
 @dataclass(frozen=True)

@@ -485,3 +485,17 @@ def test_quorum_counts_witnesses() -> None:
     assert facts(node("a"), node("b"), node("w", None)).quorum == 2
     assert facts(*FOUR).quorum == 3
     assert facts(*FOUR, node("e")).quorum == 3
+
+
+def test_an_ack_starts_the_budget_afresh() -> None:
+    spent = (ago("c", 3000.0), ago("c", 2000.0), ago("c", 1000.0))
+    action, f = _rejoin_c(history=spent)
+    assert "budget" in rules(action, f)
+    action, f = _rejoin_c(history=spent, acked=(("c", WALL - 900.0),))  # acked after the last of them
+    assert "budget" not in rules(action, f)
+    action, f = _rejoin_c(
+        history=spent, acked=(("c", WALL - 2500.0),)
+    )  # two actions since the ack: still 2 < 3
+    assert "budget" not in rules(action, f)
+    action, f = _rejoin_c(history=spent, acked=(("b", WALL - 900.0),))  # another node's ack changes nothing
+    assert "budget" in rules(action, f)
