@@ -199,6 +199,13 @@ class Lab:
     ) -> None:
         if n_nodes < 1 or n_nodes > 50:
             raise LabError("--nodes must be between 1 and 50")
+        # the longest Unix socket of the lab: an agent's control socket (sun_path holds 107 bytes)
+        longest = self.dir.resolve() / "nodes" / f"node{n_nodes}" / "agent" / "control.sock"
+        if agents and len(os.fsencode(longest)) > 107:
+            raise LabError(
+                f"the lab directory {self.dir} is too deep for the agents' control sockets ({longest} is over "
+                "107 bytes): use a shorter --dir"
+            )
         if self.exists():
             raise LabError(
                 f"a lab already exists in {self.dir}; run 'kmlab down --dir {self.dir} --purge' first"
