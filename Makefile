@@ -28,7 +28,7 @@ test: $(STAMP)
 
 # Debian's own stack, the compatibility floor; installs the python3-* packages it needs with apt when missing.
 test-debian:
-	scripts/test-debian
+	scripts/test-debian -m "not slow"
 
 demo: $(STAMP)
 	$(BIN)/python -m emulator.lab.demo

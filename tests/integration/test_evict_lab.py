@@ -158,6 +158,7 @@ def settled(lab: Lab) -> tuple[LabNode, list[LabNode]]:
 
 # ---- a short cut is never an eviction ---------------------------------------------------------------------------
 @needs_nft
+@pytest.mark.slow
 def test_a_node_cut_off_for_less_than_evict_after_is_never_evicted(lab: Lab, capsys: Any) -> None:
     target, majority = settled(lab)
     node_id = next(i for i, h in members(lab, majority[0]).items() if h == target.host)
@@ -197,6 +198,7 @@ def test_a_node_cut_off_for_less_than_evict_after_is_never_evicted(lab: Lab, cap
 
 # ---- a long cut: EVICT, then REJOIN after the heal ----------------------------------------------------------------
 @needs_nft
+@pytest.mark.slow
 def test_an_isolated_node_is_evicted_by_the_majority_and_rejoins_after_the_heal(lab: Lab) -> None:
     target, majority = settled(lab)
     keys = create_keys(lab, 4)

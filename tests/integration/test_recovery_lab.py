@@ -27,6 +27,8 @@ from agent.io.control import ControlError, DaemonNotRunning, call
 from emulator.lab.lab import LAB_TIMINGS, Lab, LabNode, wait_for
 from emulator.lab.workload import DataKey, create_keys, verify_keys
 
+pytestmark = pytest.mark.slow  # whole-cluster scenarios: in `make test`, not in `make test-debian`
+
 STATE_LOST_AFTER = 3.0  # LAB_TIMINGS
 CORRUPT_AFTER = 10.0
 QUORUM = 2  # of 3 agents
