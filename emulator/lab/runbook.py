@@ -2,7 +2,7 @@
 
 It is what an operator does by hand: stop the failed node and empty its storage path, `minkms edit --rm` its
 ID on a healthy node, start it fresh, `minkms add` it from the healthy node, watch until it has caught up.
-It is the demo before the agent exists, and the oracle that the agent's recovery time is measured against.
+It is the manual demo (`python -m emulator.lab.demo --manual`) and the oracle that the agent's recovery time is measured against.
 """
 
 from __future__ import annotations
