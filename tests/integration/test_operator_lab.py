@@ -60,8 +60,12 @@ def test_operator_rejoin_waives_the_wait_only(lab: Lab) -> None:
 
     target = next(n for n in lab.nodes() if n.name not in (anchor, other.name))
     lab.fault(target.name, "disk-loss")
-    wait_for(
-        lambda: classes(lab, other)[target.name] == "STATE_LOST", 60, f"{target.name} to look STATE_LOST"
+    wait_for(  # on every other agent: the anchor checks the request again from its own view
+        lambda: all(
+            classes(lab, n)[target.name] == "STATE_LOST" for n in lab.nodes() if n.name != target.name
+        ),
+        60,
+        f"{target.name} to look STATE_LOST to the other agents",
     )
     assert not status(lab, other)["actions"]["in_flight"]  # state_lost_after is an hour: nothing on its own
 
