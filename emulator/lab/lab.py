@@ -203,8 +203,8 @@ class Lab:
         longest = self.dir.resolve() / "nodes" / f"node{n_nodes}" / "agent" / "control.sock"
         if agents and len(os.fsencode(longest)) > 107:
             raise LabError(
-                f"the lab directory {self.dir} is too deep for the agents' control sockets ({longest} is over "
-                "107 bytes): use a shorter --dir"
+                f"the lab directory {self.dir} is too deep for the agents' control sockets: {longest} is "
+                "longer than a unix socket path may be (107 bytes); use a shorter --dir"
             )
         if self.exists():
             raise LabError(
