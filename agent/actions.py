@@ -26,7 +26,6 @@ from agent.config import Config
 from agent.core import facts as cf
 from agent.core import guards, planner, playbooks
 from agent.core.agreement import AckCollector, Held, answer_ack, certificate_problems, release
-from agent.core.classify import held_for
 from agent.core.messages import (
     AckReply,
     AckRequest,
@@ -134,27 +133,8 @@ class Actions:
         c = self.coordinator
         now = time.monotonic() if now is None else now
         reference = c.reference(now) or {}
-        by_host = {host: nid for nid, host in reference.items()}
-        nodes = []
-        for v in c.views:
-            spec = self.cfg.agent(v.name)
-            host = spec.minkms_host if spec else None
-            t = c.tracked.get(v.name)
-            nodes.append(
-                cf.NodeFacts(
-                    name=v.name,
-                    host=host,
-                    verdict=v.verdict,
-                    held_seconds=held_for(t, now) if t is not None and v.verdict is not None else 0.0,
-                    is_member=host in by_host if reference else host is not None,
-                    node_id=by_host.get(host) if host else None,
-                )
-            )
-        removed = tuple(
-            a.minkms_host
-            for a in self.cfg.members
-            if reference and a.minkms_host and a.minkms_host not in by_host
-        )
+        hosts = {a.name: a.minkms_host for a in self.cfg.agents}
+        nodes, removed = cf.node_facts(c.views, hosts, c.tracked, reference, now)
         history = tuple(
             cf.HistoryEntry(e.action.target, e.action.kind, e.started, e.outcome)
             for e in self.history.entries(limit=200)
@@ -164,7 +144,7 @@ class Actions:
             me=self.cfg.name,
             anchor=anchor,
             term=c.election.term,
-            nodes=tuple(nodes),
+            nodes=nodes,
             unfinished=self.unfinished(),
             removed=removed,
             history=history,

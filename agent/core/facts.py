@@ -10,15 +10,17 @@ threshold, and a missing node would otherwise look like "nothing to do").
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from agent.config import Policy, Timings
-from agent.core.classify import Verdict
+from agent.core.classify import Tracked, Verdict, held_for
 from agent.core.election import quorum
 from agent.core.messages import Action
+from agent.core.view import NodeView
 
-__all__ = ["ClusterFacts", "HistoryEntry", "NodeFacts"]
+__all__ = ["ClusterFacts", "HistoryEntry", "NodeFacts", "node_facts"]
 
 
 @dataclass(frozen=True)
@@ -107,3 +109,34 @@ def _duration(field: str, value: float) -> None:
     _finite(field, value)
     if value < 0:
         raise ValueError(f"{field} must not be negative, got {value!r}")
+
+
+def node_facts(
+    views: Sequence[NodeView],
+    hosts: Mapping[str, str | None],
+    tracked: Mapping[str, Tracked],
+    reference: Mapping[int, str],
+    now: float,
+) -> tuple[tuple[NodeFacts, ...], tuple[str, ...]]:
+    """The nodes as one agent sees them, and the configured member hosts out of the anchor's membership.
+
+    `hosts`: every configured agent's minkms host (None for a witness); `reference`: the anchor's membership
+    (empty when unknown: every member then counts as a member). One construction for the daemon and the
+    simulator, so that the simulator checks the daemon's facts."""
+    by_host = {host: nid for nid, host in reference.items()}
+    nodes = []
+    for v in views:
+        host = hosts.get(v.name)
+        t = tracked.get(v.name)
+        nodes.append(
+            NodeFacts(
+                name=v.name,
+                host=host,
+                verdict=v.verdict,
+                held_seconds=held_for(t, now) if t is not None and v.verdict is not None else 0.0,
+                is_member=host in by_host if reference else host is not None,
+                node_id=by_host.get(host) if host else None,
+            )
+        )
+    removed = tuple(h for h in hosts.values() if reference and h is not None and h not in by_host)
+    return tuple(nodes), removed

@@ -227,31 +227,15 @@ class SimAgent:
         journal, history, escalations and pause."""
         cfg, world = self.sim.cfg, self.sim.world
         reference = self._reference(now, self._peers()) or {}
-        by_host = {host: nid for nid, host in reference.items()}
-        nodes = []
-        for v in self.views:
-            host = None if self.sim.is_witness(v.name) else world.nodes[v.name].host
-            t = self.tracked.get(v.name)
-            nodes.append(
-                cf.NodeFacts(
-                    name=v.name,
-                    host=host,
-                    verdict=v.verdict,
-                    held_seconds=held_for(t, now) if t is not None and v.verdict is not None else 0.0,
-                    is_member=host in by_host if reference else host is not None,
-                    node_id=by_host.get(host) if host else None,
-                )
-            )
-        removed = tuple(
-            world.nodes[n].host for n in cfg.node_names if reference and world.nodes[n].host not in by_host
-        )
+        hosts = {n: None if self.sim.is_witness(n) else world.nodes[n].host for n in cfg.node_names}
+        nodes, removed = cf.node_facts(self.views, hosts, self.tracked, reference, now)
         wall = self.wall()
         d = self.disk
         return cf.ClusterFacts(
             me=self.name,
             anchor=anchor,
             term=self.election.term,
-            nodes=tuple(nodes),
+            nodes=nodes,
             unfinished=self.unfinished(),
             removed=removed,
             history=tuple(
