@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from agent.core.backups import BackupInfo
+
 ACTION_KINDS = ("REJOIN", "EVICT", "RESTORE")
 
 
@@ -27,6 +29,18 @@ class NodeReport:
     commit: int | None = None
     leader_id: int | None = None
     members: tuple[tuple[int, str], ...] = ()  # the membership the local minkms reports (id, host)
+
+
+@dataclass(frozen=True)
+class RestoreApproval:
+    """An operator's `kmagent restore --approve`, cluster-wide like the pause: the higher epoch wins everywhere,
+    so any anchor (a later one too) and every acker know it. An epoch with `until` 0 withdraws it."""
+
+    epoch: int
+    until: float  # wall-clock epoch seconds: an approval is for the situation `explain` showed, not for ever
+    by: str  # who approved, on which host (signed into the action as requested_by)
+    backup: str = ""  # the backup the operator named (--backup); "" for the freshest intact one
+    accept_loss_of: tuple[str, ...] = ()  # nodes the operator accepts losing the state of (--accept-loss-of)
 
 
 @dataclass(frozen=True)
@@ -58,6 +72,9 @@ class Report:
     acks: tuple[
         tuple[str, float], ...
     ] = ()  # (node, wall time) of the latest `kmagent ack` it knows per node
+    backups: tuple[
+        BackupInfo, ...
+    ] = ()  # the newest backup copies it holds intact (at most backups.REPORTED)
 
 
 @dataclass(frozen=True)
