@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from agent.config import Policy, Timings
+from agent.core.backups import BackupInfo
 from agent.core.classify import Tracked, Verdict, held_for
 from agent.core.election import quorum
-from agent.core.messages import Action
+from agent.core.messages import Action, RestoreApproval
 from agent.core.view import NodeView
 
 __all__ = ["ClusterFacts", "HistoryEntry", "NodeFacts", "node_facts"]
@@ -69,6 +70,9 @@ class ClusterFacts:
         tuple[str, float], ...
     ] = ()  # (node, wall time of its last `kmagent ack`): the budget restarts
     paused_until: float  # wall-clock epoch seconds; 0: not paused
+    # Backup copies each agent holds intact (its own store, and the fresh reports of its peers), by agent.
+    backups: tuple[tuple[str, tuple[BackupInfo, ...]], ...] = ()
+    approval: RestoreApproval | None = None  # the newest operator's restore approval this agent knows
     now: float  # monotonic: the instant held_seconds were measured at
     wall_now: float  # wall clock: for history, cooldown, budget and pause
     timings: Timings

@@ -9,8 +9,9 @@ executor with `agreement.certificate_problems`; 4 (never delete, storage identit
 `agent.io.storage.quarantine`; 8 (history) in the journal.
 
 A *resume* (re-certifying the unfinished action itself) is checked only by the rules that do not depend on its
-progress: its own steps change the target's class (fenced: DOWN; quarantined: STATE_LOST; removed: EVICTED) and
-add to its history, so requiring again what licensed its start would strand a fenced, emptied node.
+progress: its own steps change the target's class (fenced: DOWN; quarantined: STATE_LOST; removed: EVICTED;
+restored: HEALTHY) and add to its history, so requiring again what licensed its start would strand a fenced,
+emptied node. RESTORE's own rule (guard rail 5) lives in `agent.core.restore`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.config import Timings
+from agent.core import restore
 from agent.core.classify import human_duration
 from agent.core.facts import ClusterFacts, NodeFacts
 from agent.core.messages import ACTION_KINDS, Action
@@ -117,9 +119,8 @@ def expected_params(node: NodeFacts) -> tuple[tuple[str, str], ...]:
     return tuple(params)
 
 
-REQUESTED_BY = (
-    "requested_by"  # the param naming the operator request (`kmagent rejoin|evict NODE`), signed with it
-)
+# The param naming the operator request (`kmagent rejoin|evict NODE`, `restore --approve`), signed with it.
+REQUESTED_BY = restore.REQUESTED_BY
 
 
 def requested_by(action: Action) -> str | None:
@@ -164,9 +165,7 @@ def _kind(action: Action, facts: ClusterFacts) -> str | None:
 
 
 def _restore(action: Action, facts: ClusterFacts) -> str | None:
-    if action.kind == RESTORE:
-        return "RESTORE is not automated yet: restore a backup by hand (reference/minkms.md) and let the others rejoin"
-    return None
+    return restore.problem(action, facts) if action.kind == RESTORE else None
 
 
 def _target_rule(action: Action, facts: ClusterFacts) -> str | None:
@@ -185,8 +184,19 @@ def _no_anchor(action: Action, facts: ClusterFacts) -> str | None:
 
 
 def _not_the_anchor(action: Action, facts: ClusterFacts) -> str | None:
-    if action.target == facts.anchor:
+    if action.target == facts.anchor and action.kind != RESTORE:  # a restore runs on the anchor itself
         return f"{action.target} is the anchor: the cluster steps run through it"
+    return None
+
+
+def _anchor_serves(action: Action, facts: ClusterFacts) -> str | None:
+    """REJOIN and EVICT run their cluster steps through the anchor's minkms. An anchor elected while no node
+    serves (for a total-failure restore) has none: it must not start or resume them."""
+    anchor = facts.node(facts.anchor) if facts.anchor is not None else None
+    if action.kind == RESTORE or anchor is None or anchor.verdict is None:
+        return None  # a witness as anchor cannot happen (witnesses never stand); no anchor: rule `no-anchor`
+    if anchor.verdict.cls not in (NodeClass.HEALTHY, NodeClass.DEGRADED):
+        return f"the anchor {anchor.name} is {anchor.verdict.cls}: its minkms cannot run the cluster steps"
     return None
 
 
@@ -257,7 +267,7 @@ def _params(action: Action, facts: ClusterFacts) -> str | None:
 
 def _last_healthy(action: Action, facts: ClusterFacts) -> str | None:
     node = _target(action, facts)
-    if node is None:
+    if node is None or action.kind == RESTORE:  # a restore is for when no node is HEALTHY (rule `restore`)
         return None
     others = [
         n
@@ -340,10 +350,11 @@ def _budget(action: Action, facts: ClusterFacts) -> str | None:
 RULES: tuple[tuple[str, Predicate, bool], ...] = (
     ("paused", _paused, True),
     ("kind", _kind, True),
-    ("restore", _restore, True),
+    ("restore", _restore, False),
     ("target", _target_rule, True),
     ("no-anchor", _no_anchor, True),
     ("not-the-anchor", _not_the_anchor, True),
+    ("anchor-serves", _anchor_serves, True),
     ("one-at-a-time", _one_at_a_time, False),
     ("one-removed", _one_removed, False),
     ("class", _class, False),

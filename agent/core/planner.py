@@ -13,6 +13,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from agent.core import restore
 from agent.core.classify import Verdict, human_duration
 from agent.core.facts import ClusterFacts, NodeFacts
 from agent.core.guards import (
@@ -68,10 +69,12 @@ def action_id(kind: str, target: str, term: int, wall_now: float) -> str:
 
 
 def candidates(facts: ClusterFacts) -> tuple[Action, ...]:
-    """Every action a node's class calls for, thresholds aside: EVICTs first, then REJOINs, each in config order.
-    A failed member that must make room for another node's REJOIN is evicted first (see guards.makes_room)."""
+    """Every action a node's class calls for, thresholds aside: a total-failure RESTORE (agent.core.restore), then
+    EVICTs, then REJOINs, each in config order. A failed member that must make room for another node's REJOIN is
+    evicted first (see guards.makes_room)."""
     wanted = [("EVICT" if makes_room(n, facts) else wanted_kind(n), n) for n in facts.nodes]
-    return tuple(
+    restoring = restore.proposal(facts)
+    return ((restoring,) if restoring is not None else ()) + tuple(
         Action(action_id(kind, n.name, facts.term, facts.wall_now), kind, n.name, expected_params(n))
         for priority in _PRIORITY
         for kind, n in wanted
@@ -154,6 +157,7 @@ class Explanation:
     quorum: int
     agreeing: int
     paused_for: float  # seconds of pause left; 0: not paused
+    restore: str | None = None  # while no node holds state: the backup, what is lost, and the command
 
     @property
     def quorum_reached(self) -> bool:
@@ -187,6 +191,7 @@ def explain(facts: ClusterFacts, reports_by_agent: Mapping[str, Report]) -> Expl
             ("state_lost_after", t.state_lost_after),
             ("corrupt_after", t.corrupt_after),
             ("evict_after", t.evict_after),
+            ("restore_after", t.restore_after),
             ("cooldown", t.cooldown),
             ("actions_per_hour", float(p.actions_per_hour)),
             ("min_members", float(p.min_members)),
@@ -196,6 +201,7 @@ def explain(facts: ClusterFacts, reports_by_agent: Mapping[str, Report]) -> Expl
         quorum=facts.quorum,
         agreeing=sum(1 for a in agents if a.agrees),
         paused_for=max(0.0, facts.paused_until - facts.wall_now),
+        restore=restore.advice(facts),
     )
 
 
@@ -272,6 +278,8 @@ def render(e: Explanation) -> str:
     else:
         head = "Next: nothing"
     lines = [head, f"Why: {d.reason}"]
+    if e.restore is not None:
+        lines += ["", e.restore]
     if e.paused_for > 0:
         lines.append(f"Paused for another {human_duration(e.paused_for)}: no destructive proposal or ack.")
     lines += ["", "Nodes (as seen by " + e.me + "):"]

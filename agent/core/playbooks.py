@@ -140,15 +140,66 @@ EVICT: tuple[Step, ...] = (
     ),
 )
 
-TABLES: dict[str, tuple[Step, ...]] = {"REJOIN": REJOIN, "EVICT": EVICT}
+_FENCE, _QUARANTINE, _START = REJOIN[0], REJOIN[1], REJOIN[3]
+
+# Every step runs on the target, the host the backup is restored on (the anchor, when proposed): an anchor that
+# takes over drives them there like a REJOIN's. The others then REJOIN it, one at a time, by the usual rules.
+RESTORE: tuple[Step, ...] = (
+    dataclasses.replace(
+        _FENCE,
+        precondition="a valid certificate naming this node and action; its own view says its state is lost",
+    ),
+    Step(
+        name="fetch",
+        runs_on="target",
+        destructive=False,
+        timeout=900.0,  # a download of the whole backup from another agent
+        attempts=3,
+        on_failure="abort",  # nothing was changed but a stopped service whose state was already lost
+        precondition="an intact copy of the action's backup (its sha256) is held here or by a fresh peer",
+        idempotency=(
+            "a local copy whose sha256 and gzip check out is used as it is; otherwise it is downloaded from a "
+            "holder into the backup directory (streamed, checked, renamed into place only when intact)"
+        ),
+    ),
+    _QUARANTINE,
+    dataclasses.replace(_START, precondition="the storage directory is empty"),
+    Step(
+        name="restore",
+        runs_on="target",
+        destructive=True,
+        timeout=900.0,
+        attempts=3,
+        on_failure="escalate",  # a fresh node that will not take the backup: a human looks
+        precondition="minkms answers live as a fresh single node (commit 0)",
+        idempotency=(
+            "if the node's commit has reached the backup's it was restored already (minkms itself refuses a "
+            "restore onto a node that holds state); otherwise `minkms restore https://HOST FILE`"
+        ),
+    ),
+    dataclasses.replace(
+        REJOIN[5],
+        precondition="the node answers as a single-node cluster that holds the backup's state",
+    ),
+    Step(
+        name="verify",
+        runs_on="target",
+        destructive=False,
+        timeout=300.0,
+        attempts=3,
+        on_failure="escalate",
+        precondition="the backup is restored",
+        idempotency="read-only: the node's commit has reached the backup's and it accepts writes",
+    ),
+)
+
+TABLES: dict[str, tuple[Step, ...]] = {"REJOIN": REJOIN, "EVICT": EVICT, "RESTORE": RESTORE}
 
 
 def steps(kind: str) -> tuple[Step, ...]:
     """The step table of `kind`; ValueError for a kind without one."""
     table = TABLES.get(kind)
     if table is None:
-        if kind == "RESTORE":
-            raise ValueError("RESTORE has no step table yet: it is not automated")
         raise ValueError(f"unknown action kind {kind!r} (known: {', '.join(TABLES)})")
     return table
 

@@ -115,7 +115,8 @@ def anchor_candidates(views: Sequence[NodeView], max_lag: int = MAX_COMMIT_LAG) 
     Eligible: a HEALTHY member whose commit is known and not behind the best commit among HEALTHY members by more
     than `max_lag` (reports sample commits at different instants while writes flow). Preferred: the minkms
     leader, then config order. Commits within the tolerance count as equal: ordering by them would make agents
-    that sampled at different instants disagree on who goes first, and both would wait out a back-off.
+    that sampled at different instants disagree on who goes first, and both would wait out a back-off. Without
+    any HEALTHY node: see `_restore_candidates`.
     """
     healthy = [
         (i, v, v.node.commit)
@@ -126,8 +127,18 @@ def anchor_candidates(views: Sequence[NodeView], max_lag: int = MAX_COMMIT_LAG) 
         and v.node.commit is not None
     ]
     if not healthy:
-        return ()
+        return _restore_candidates(views)
     best = max(commit for _, _, commit in healthy)
     eligible = [(i, v, commit) for i, v, commit in healthy if commit >= best - max_lag]
     eligible.sort(key=lambda e: (e[1].node is None or e[1].node.role != LEADER_ROLE, e[0]))
     return tuple(v.name for _, v, _ in eligible)
+
+
+def _restore_candidates(views: Sequence[NodeView]) -> tuple[str, ...]:
+    """When no node serves (none HEALTHY or DEGRADED), the nodes whose own agent reports their state lost, in
+    config order: a total-failure RESTORE needs an anchor among the hosts able to restore (DESIGN §5). Such an
+    anchor can do nothing else: REJOIN and EVICT need another HEALTHY member (guard `last-healthy`)."""
+    serving = (NodeClass.HEALTHY, NodeClass.DEGRADED)
+    if any(v.verdict is not None and v.verdict.cls in serving for v in views):
+        return ()
+    return tuple(v.name for v in views if v.verdict is not None and v.verdict.cls is NodeClass.STATE_LOST)

@@ -290,7 +290,14 @@ def test_explain_for_the_unfinished_action_and_for_nothing() -> None:
     views = (("a", "HEALTHY", 9.0), ("b", "HEALTHY", 9.0), ("c", "DOWN", 1.0))
     e = explain(f, {"b": report("b", views, in_flight="rejoin-c-3-5")})
     assert e.candidate == unfinished and e.quorum_reached
-    assert [r.rule for r in e.rules] == ["paused", "kind", "restore", "target", "no-anchor", "not-the-anchor"]
+    assert [r.rule for r in e.rules] == [
+        "paused",
+        "kind",
+        "target",
+        "no-anchor",
+        "not-the-anchor",
+        "anchor-serves",
+    ]
 
     idle = explain(facts(), {})
     assert idle.candidate is None and idle.agents == () and not idle.quorum_reached

@@ -50,7 +50,6 @@ def test_the_shared_remove_step_differs_only_in_its_failure_policy() -> None:
 @pytest.mark.parametrize(
     ("kind", "message"),
     [
-        ("RESTORE", "RESTORE has no step table yet"),
         ("DELETE", "unknown action kind 'DELETE'"),
         ("", "unknown"),
     ],

@@ -97,7 +97,12 @@ def view(name: str, cls: str, commit: int | None, role: str = "Follower"):
         ((view("a", "HEALTHY", 10), view("b", "HEALTHY", 100, "Leader")), ("b",)),
         # only HEALTHY members with a known commit
         ((view("a", "DEGRADED", 50), view("b", "HEALTHY", None), view("c", "HEALTHY", 3)), ("c",)),
-        ((view("a", "STATE_LOST", 0), view("b", "DOWN", 10)), ()),
+        # no HEALTHY node: the nodes whose state is lost, for a total-failure restore (which b, DOWN, blocks)
+        ((view("a", "STATE_LOST", 0), view("b", "DOWN", 10)), ("a",)),
+        ((view("a", "UNREACHABLE", 0), view("b", "STATE_LOST", 0), view("c", "STATE_LOST", 0)), ("b", "c")),
+        # ... but never while a node serves
+        ((view("a", "STATE_LOST", 0), view("b", "DEGRADED", 10)), ()),
+        ((view("a", "DOWN", 0), view("b", "CORRUPT", 10)), ()),
     ],
 )
 def test_anchor_candidates(views, expected) -> None:

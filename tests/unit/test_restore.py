@@ -1,0 +1,158 @@
+"""Guard rail 5 and the total-failure RESTORE decision (agent.core.restore, through guards and the planner)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+
+from agent.config import Policy
+from agent.core import planner, restore
+from agent.core.backups import BackupInfo
+from agent.core.guards import check
+from agent.core.messages import Action, RestoreApproval
+from agent.core.model import NodeClass
+from tests.unit.test_guards import WALL, ago, facts, node
+
+LOST = NodeClass.STATE_LOST
+OLD = BackupInfo("20261125T100000Z-a", WALL - 7200, 40, 1000, "1" * 64, "a")
+NEW = BackupInfo("20261125T110000Z-a", WALL - 3600, 50, 1000, "2" * 64, "a")
+ARMED = Policy(auto_restore=True)
+
+
+def lost_cluster(*extra: Any, **overrides: Any) -> Any:
+    """Every node's state lost for long, the anchor `a` among them; b and c hold both backups."""
+    nodes = extra or (node("a", LOST), node("b", LOST), node("c", LOST))
+    base: dict[str, Any] = {"backups": (("b", (NEW, OLD)), ("c", (NEW,))), "policy": ARMED}
+    base.update(overrides)
+    return facts(*nodes, **base)
+
+
+def proposed(f: Any) -> Action:
+    action = restore.proposal(f)
+    assert action is not None
+    return action
+
+
+def refusal(action: Action, f: Any) -> str:
+    return "; ".join(f"{r.rule}: {r.reason}" for r in check(action, f))
+
+
+def test_armed_total_loss_restores_the_freshest_backup_on_the_anchor() -> None:
+    f = lost_cluster()
+    action = proposed(f)
+    assert (action.kind, action.target) == ("RESTORE", "a")
+    assert dict(action.params)["backup"] == NEW.id and dict(action.params)["sha256"] == NEW.sha256
+    assert check(action, f) == []
+    assert planner.decide(f).action == action
+
+
+def test_not_armed_it_is_refused_and_explain_gives_the_exact_command() -> None:
+    f = lost_cluster(policy=Policy())
+    action = proposed(f)
+    assert "restore is not armed" in refusal(action, f)
+    assert planner.decide(f).action is None
+    text = planner.render(planner.explain(f, {}))
+    assert "RESTORE NEEDED" in text and f"kmagent restore --backup {NEW.id} --approve" in text
+    assert "commit 50" in text and "1h" in text  # what is lost: everything after the backup, taken 1 h ago
+
+
+def test_an_operator_approval_arms_it_and_is_used_once() -> None:
+    approval = RestoreApproval(1, WALL + 600, "operator on b")
+    f = lost_cluster(policy=Policy(), approval=approval)
+    action = proposed(f)
+    assert dict(action.params)["requested_by"] == "operator on b"
+    assert check(action, f) == []
+    used = dataclasses.replace(f, history=(ago("a", 10.0, "RESTORE", "done"),))
+    assert restore.active_approval(used) is None
+    assert "not armed" in refusal(dataclasses.replace(action, params=(action.params[:3])), used)
+    expired = dataclasses.replace(f, approval=dataclasses.replace(approval, until=WALL))
+    assert "does not know" in refusal(action, expired)
+
+
+@pytest.mark.parametrize(
+    "cls", [NodeClass.UNREACHABLE, NodeClass.AGENT_DOWN, NodeClass.DOWN, NodeClass.CORRUPT]
+)
+def test_a_node_without_evidence_of_loss_blocks_even_an_armed_restore(cls: NodeClass) -> None:
+    f = lost_cluster(node("a", LOST), node("b", LOST), node("c", cls))
+    assert "c is " + str(cls) in refusal(proposed(f), f) and "--accept-loss-of c" in refusal(proposed(f), f)
+    assert "--accept-loss-of c" in restore.command(f)
+
+
+def test_only_an_operator_can_accept_a_nodes_loss() -> None:
+    nodes = (node("a", LOST), node("b", LOST), node("c", NodeClass.UNREACHABLE))
+    approval = RestoreApproval(2, WALL + 600, "operator on a", accept_loss_of=("c",))
+    f = lost_cluster(*nodes, approval=approval, policy=Policy())
+    action = proposed(f)
+    assert dict(action.params)["accept_loss_of"] == "c" and check(action, f) == []
+    # the same acceptance without the approval: refused, even armed
+    forged = Action(action.id, "RESTORE", "a", tuple(p for p in action.params if p[0] != "requested_by"))
+    assert "only an operator's approval" in refusal(
+        forged, dataclasses.replace(f, approval=None, policy=ARMED)
+    )
+    # an approval that accepts another node does not cover c
+    other = dataclasses.replace(f, approval=dataclasses.replace(approval, accept_loss_of=("b",)))
+    assert "differ from the operator's approval" in refusal(action, other)
+
+
+@pytest.mark.parametrize("cls", [NodeClass.HEALTHY, NodeClass.DEGRADED])
+def test_never_while_a_node_serves_even_when_named(cls: NodeClass) -> None:
+    approval = RestoreApproval(2, WALL + 600, "op", accept_loss_of=("c",))
+    f = lost_cluster(node("a", LOST), node("b", LOST), node("c", cls), approval=approval)
+    assert restore.proposal(f) is None  # not called for
+    action = Action(
+        "restore-a-7-1",
+        "RESTORE",
+        "a",
+        (
+            ("backup", NEW.id),
+            ("sha256", NEW.sha256),
+            ("commit", "50"),
+            ("accept_loss_of", "c"),
+            ("requested_by", "op"),
+        ),
+    )
+    assert "the cluster still serves" in refusal(action, f)
+
+
+def test_never_over_a_node_that_holds_state() -> None:
+    f = lost_cluster(node("a", NodeClass.DOWN), node("b", LOST), node("c", LOST), anchor="b")
+    action = Action("restore-a-7-1", "RESTORE", "a", proposed(f).params)
+    assert "a is DOWN: a restore never runs over a node that may hold state" in refusal(action, f)
+
+
+def test_automatic_restore_waits_restore_after_on_every_node_an_approval_does_not() -> None:
+    nodes = (node("a", LOST), node("b", LOST, 119.0), node("c", LOST))
+    f = lost_cluster(*nodes)
+    assert "b has been STATE_LOST for" in refusal(proposed(f), f)
+    approved = lost_cluster(*nodes, approval=RestoreApproval(1, WALL + 60, "op"))
+    assert check(proposed(approved), approved) == []
+
+
+def test_never_an_older_backup_while_a_newer_one_is_available() -> None:
+    f = lost_cluster()
+    older = Action(
+        "restore-a-7-1", "RESTORE", "a", (("backup", OLD.id), ("sha256", OLD.sha256), ("commit", "40"))
+    )
+    assert "never an older backup" in refusal(older, f)
+    pinned = lost_cluster(approval=RestoreApproval(1, WALL + 60, "op", backup=OLD.id))
+    assert restore.choice(pinned).backup is None and "older than" in restore.choice(pinned).reason
+
+
+def test_copies_that_disagree_are_skipped_for_the_next_freshest() -> None:
+    forged = dataclasses.replace(NEW, sha256="3" * 64)
+    f = lost_cluster(backups=(("b", (NEW, OLD)), ("c", (forged,))))
+    assert restore.choice(f).backup == OLD
+
+
+def test_no_backup_no_restore() -> None:
+    f = lost_cluster(backups=())
+    assert "no backup to restore" in refusal(proposed(f), f)
+    assert "no agent holds an intact backup" in (restore.advice(f) or "")
+
+
+def test_a_restore_anchor_never_starts_a_rejoin() -> None:
+    f = lost_cluster()
+    rejoin = Action("rejoin-b-7-1", "REJOIN", "b", (("node_id", "1"), ("host", "b.kms:7373")))
+    assert "anchor-serves" in [r.rule for r in check(rejoin, f)]
