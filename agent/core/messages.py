@@ -72,9 +72,9 @@ class Report:
     acks: tuple[
         tuple[str, float], ...
     ] = ()  # (node, wall time) of the latest `kmagent ack` it knows per node
-    backups: tuple[
-        BackupInfo, ...
-    ] = ()  # the newest backup copies it holds intact (at most backups.REPORTED)
+    # the newest backup copies it holds intact (at most backups.REPORTED), and the newest restore approval it knows
+    backups: tuple[BackupInfo, ...] = ()
+    restore: RestoreApproval | None = None
 
 
 @dataclass(frozen=True)
