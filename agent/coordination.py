@@ -23,7 +23,9 @@ from agent import __version__
 from agent.config import AgentSpec, Config
 from agent.core.classify import Tracked, held_for, track
 from agent.core.election import Ballot, Election, ElectionTimings, ElectionView, refusal
-from agent.core.messages import Action, NodeReport, Report, VoteReply, VoteRequest
+from agent.core import wire
+from agent.core.messages import Action, NodeReport, Report, RestoreApproval, VoteReply, VoteRequest
+from agent.core.restore import APPROVAL_VALIDITY
 from agent.core.view import (
     Member,
     NodeView,
@@ -90,6 +92,16 @@ class Pause:
 
     def newer_than(self, other: Pause) -> bool:
         return (self.epoch, self.until) > (other.epoch, other.until)
+
+
+def load_approval(path: Path) -> RestoreApproval | None:
+    """A damaged approval file arms nothing: when in doubt, do not restore (the operator can approve again)."""
+    try:
+        data = read_json(path)
+        return None if data is None else wire.decode(RestoreApproval, data)
+    except (OSError, ValueError) as exc:
+        log.error(logs.kv(event="approval_unreadable", path=path, error=exc))
+        return None
 
 
 def load_pause(path: Path) -> Pause:
@@ -168,6 +180,8 @@ class Coordinator:
         self.actions: ActionsHooks | None = None  # set by the daemon once the executor exists
         self.pause_path = Path(cfg.state.dir) / "pause.json"
         self.pause = load_pause(self.pause_path)
+        self.approval_path = Path(cfg.state.dir) / "restore-approval.json"
+        self.approval = load_approval(self.approval_path)
 
     def routes(self) -> list[Route]:
         return [(REPORT_PATH, Report, self.on_report), (VOTE_PATH, VoteRequest, self.on_vote)]
@@ -201,6 +215,11 @@ class Coordinator:
         theirs = Pause(report.pause_epoch, report.paused_until, report.pause_reason)
         if theirs.newer_than(self.pause):
             self._set_pause(theirs)
+        approval = report.restore
+        if approval is not None and approval.epoch > (self.approval.epoch if self.approval else 0):
+            if approval.epoch > MAX_TERM or not 0 <= approval.until < FOREVER:
+                raise web.HTTPUnprocessableEntity(reason="restore approval with an invalid epoch or time")
+            self._set_approval(approval)
 
     async def on_vote(self, peer: str, req: VoteRequest) -> VoteReply:
         if req.candidate != peer:
@@ -257,6 +276,7 @@ class Coordinator:
             pause_epoch=self.pause.epoch,
             paused_until=self.pause.until,
             pause_reason=self.pause.reason,
+            restore=self.approval,
         )
 
     def _in_flight(self) -> str | None:
@@ -388,6 +408,30 @@ class Coordinator:
             )
         )
         return pause
+
+    # ---- an operator's restore approval (DESIGN §5 RESTORE) -------------------------------------------------
+    def approve_restore(self, by: str, backup: str, accept_loss_of: tuple[str, ...]) -> RestoreApproval:
+        """Arm one total-failure restore for an hour, on every agent (reports carry it; the newest epoch wins)."""
+        epoch = (self.approval.epoch if self.approval else 0) + 1
+        until = time.time() + APPROVAL_VALIDITY
+        return self._set_approval(RestoreApproval(epoch, until, by, backup, accept_loss_of))
+
+    def _set_approval(self, approval: RestoreApproval) -> RestoreApproval:
+        self.approval = approval
+        try:
+            write_json(self.approval_path, wire.encode(approval))
+        except OSError as exc:  # kept in memory and in reports: peers hold it too
+            log.error(logs.kv(event="approval_not_persisted", path=self.approval_path, error=exc))
+        log.warning(
+            logs.kv(
+                event="restore_approved",
+                by=approval.by,
+                backup=approval.backup or None,
+                accept_loss_of=",".join(approval.accept_loss_of) or None,
+                until=approval.until,
+            )
+        )
+        return approval
 
     # ---- presentation -------------------------------------------------------------------------------------
     def metrics(self, now: float) -> list[Metric]:
