@@ -6,11 +6,11 @@ round; election and, later, the planner read the result.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from agent.core.classify import PeerEvidence, Verdict, classify_peer
-from agent.core.messages import NodeReport, Report
+from agent.core.messages import Action, NodeReport, Report
 from agent.core.model import NodeClass
 
 LEADER_ROLE = "Leader"
@@ -131,3 +131,19 @@ def anchor_candidates(views: Sequence[NodeView], max_lag: int = MAX_COMMIT_LAG) 
     eligible = [(i, v, commit) for i, v, commit in healthy if commit >= best - max_lag]
     eligible.sort(key=lambda e: (e[1].node is None or e[1].node.role != LEADER_ROLE, e[0]))
     return tuple(v.name for _, v, _ in eligible)
+
+
+def electable(
+    views: Sequence[NodeView], restarting: Iterable[str] = (), unfinished: Action | None = None
+) -> tuple[str, ...]:
+    """`anchor_candidates`, less the agents that could not serve as anchor now, in this agent's own view: one
+    within its restart window (it cannot stand: passing over it lets the next one go without a back-off), and
+    the target of the unfinished action. That action comes before anything else, and no anchor may act on
+    itself (guards, not-the-anchor): as anchor, its target would block the cluster for ever (found by the
+    simulator: a REJOIN's target, a HEALTHY member again once its own steps are done, became anchor before the
+    verify). Voters apply it too, so such an anchor steps down and another one resumes the action. When the
+    target is the only candidate it stays one: no anchor at all would block everything as surely (a REJOIN's
+    target that did all its own steps then closes the action itself: `execution.target_closes`)."""
+    ready = tuple(c for c in anchor_candidates(views) if c not in set(restarting))
+    others = tuple(c for c in ready if unfinished is None or c != unfinished.target)
+    return others or ready
