@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from agent.config import Config
+from agent.core import execution, guards, planner, playbooks
 from agent.core import facts as cf
-from agent.core import guards, planner, playbooks
 from agent.core.agreement import AckCollector, Held, answer_ack, certificate_problems, release
+from agent.core.execution import FINISH_STEP, RECENT_FINISHED
 from agent.core.messages import (
     AckReply,
     AckRequest,
@@ -56,9 +57,6 @@ ACK_PATH = "/v1/peer/ack"
 STEP_PATH = "/v1/peer/step"
 HISTORY_PATH = "/v1/peer/history"
 REQUEST_PATH = "/v1/peer/request"
-FINISH_STEP = "finish"
-FINISHED = "already finished"  # not in the tables: the target closes its journal and releases what it held
-RECENT_FINISHED = 16  # finished action ids carried in reports, so that every acker releases them
 
 
 class StepFailed(Exception):
@@ -158,25 +156,17 @@ class Actions:
         )
 
     def unfinished(self) -> Action | None:
-        """The unfinished action this agent holds (acked or journaled), else one a peer reports holding: an anchor
-        that never acked an action must still resume it, or its holders would refuse every other action."""
-        if self.held is not None:
-            return self.held.action
-        pending = self.journal.state().unfinished()
-        if pending:
-            return pending[0].action
-        return self._reported_unfinished()
-
-    def _reported_unfinished(self) -> Action | None:
+        """The unfinished action to resume first (`execution.unfinished_action`): held, journaled, or carried by a
+        fresh peer report and not finished in our history."""
         now = time.monotonic()
         timeout = self.cfg.timings.peer_timeout
-        finished = set(self.finished_ids())
-        for link in self.coordinator.links.values():
-            report = fresh_report(link.state, now, timeout)
-            action = report.in_flight_action if report is not None else None
-            if action is not None and action.id not in finished and self.history.find(action.id) is None:
-                return action
-        return None
+        reports = (fresh_report(link.state, now, timeout) for link in self.coordinator.links.values())
+        return execution.unfinished_action(
+            self.held.action if self.held is not None else None,
+            [s.action for s in self.journal.state().unfinished()],
+            [r for r in reports if r is not None],
+            _InHistory(self.history),
+        )
 
     def finished_ids(self) -> tuple[str, ...]:
         return tuple(e.action.id for e in self.history.entries(limit=RECENT_FINISHED))
@@ -295,43 +285,27 @@ class Actions:
 
     async def _target_step(self, cert: Certificate, step_name: str) -> StepReply:
         action = cert.action
-        if cert.term < self.max_cert_term:
-            return StepReply(
-                False, f"refused: term {cert.term} is older than term {self.max_cert_term} already seen"
-            )
         state = self.journal.state().get(action.id)
-        done = list(state.progress.done) if state is not None else []
-        if step_name == FINISH_STEP:
+        done = tuple(state.progress.done) if state is not None else ()
+        if step_name == FINISH_STEP and cert.term >= self.max_cert_term:
             if state is not None and not state.finished:
                 close_action(self.journal, self.history, action.id, "done", "the anchor recorded it done", ())
             revoke_fresh_start(Path(self.cfg.state.dir))
             self._save_held(release(self.held, action.id))
-            return StepReply(True, "finished", tuple(done))
-        if state is not None and state.finished:
-            return StepReply(False, f"{FINISHED}: this node closed the action already", tuple(done))
-        if state is None and action.kind == "REJOIN":
-            # The first step on this node: its own view must call for it. A resumed action that was never
-            # started, whose node has recovered since, must never fence and wipe a healthy node.
-            mine = self.coordinator.tracked.get(self.cfg.name)
-            cls = mine.verdict.cls if mine is not None else None
-            if cls not in (NodeClass.STATE_LOST, NodeClass.CORRUPT, NodeClass.EVICTED):
-                return StepReply(
-                    False, f"refused: this node is {cls or 'not yet classified'} in its own view"
-                )
-        try:
-            where = target_position(action.kind, step_name, done)
-        except ValueError as exc:
-            return StepReply(False, f"refused: {exc}", tuple(done))
-        if where == "behind":
-            return StepReply(
-                True, f"skipped: already past {step_name} (done: {', '.join(done)})", tuple(done)
-            )
-        if where == "repeat":
-            return StepReply(True, f"{step_name} already done", tuple(done))
-        if where == "ahead":
-            return StepReply(
-                False, f"refused: {step_name} before its earlier steps (done: {done})", tuple(done)
-            )
+            return StepReply(True, "finished", done)
+        mine = self.coordinator.tracked.get(self.cfg.name)
+        decision = execution.target_decision(
+            action,
+            step_name,
+            cert_term=cert.term,
+            max_cert_term=self.max_cert_term,
+            begun=state is not None,
+            finished=state is not None and state.finished,
+            done=done,
+            own_class=mine.verdict.cls if mine is not None else None,
+        )
+        if not decision.run:
+            return StepReply(decision.ok, decision.detail, done)
         self.max_cert_term = max(self.max_cert_term, cert.term)
         ok, detail = await self._journaled(cert, step_name, self._run_target_step)
         state = self.journal.state().get(action.id)
@@ -424,6 +398,17 @@ class Actions:
             self.drive = None if not c.election.is_anchor(now) else self.drive
             return
         facts = self.facts(anchor=self.cfg.name, now=now)
+        mine = self.journal.state().get(facts.unfinished.id) if facts.unfinished is not None else None
+        if mine is not None and execution.target_closes(facts.unfinished, self.cfg.name, mine.progress.done):
+            self.busy = True
+            try:
+                detail = (
+                    "closed by its target, anchor now: every step of its own done, a HEALTHY member again"
+                )
+                await self._close(mine.certificate, "done", detail)
+            finally:
+                self.busy = False
+            return
         decision = planner.decide(facts)
         if decision.escalate:
             self.set_escalated(self.escalated | frozenset(decision.escalate))
@@ -503,8 +488,9 @@ class Actions:
 
         await asyncio.gather(*(ask(a.name) for a in self.cfg.peers if a.name not in d.collector.signers))
         d.certificate = d.collector.certificate()
-        if d.certificate is None and d.fresh and holding:
-            self._adopt(d, holding)
+        adopt = execution.to_adopt(d.fresh, d.certificate is not None, holding)
+        if adopt is not None:
+            self._adopt(d, adopt)
             return
         if d.certificate is not None:
             log.warning(
@@ -521,12 +507,9 @@ class Actions:
                 )
             )
 
-    def _adopt(self, d: Drive, holding: dict[str, Action]) -> None:
-        """Peers hold a different unfinished action (acked under an earlier anchor, which this one never saw):
-        it may be certified and half done, so it comes first (DESIGN §4.4). Our own proposal was acked by
-        nobody else and only we collect its acks, so dropping it is safe; from the next round the planner
-        resumes the held action, re-certified in this term, each agent judging it by its own view."""
-        name, action = sorted(holding.items())[0]
+    def _adopt(self, d: Drive, action: Action) -> None:
+        """Adopt a held action instead of our fresh proposal (`execution.to_adopt`): from the next round the
+        planner resumes it, re-certified in this term, each agent judging it by its own view."""
         self._save_held(Held(action, d.term))
         self.drive = None
         log.warning(
@@ -536,7 +519,6 @@ class Actions:
                 kind=action.kind,
                 target=action.target,
                 dropped=d.action.id,
-                held_by=name,
             )
         )
 
@@ -559,18 +541,13 @@ class Actions:
                     return  # again next round
                 d.unanswered.pop(step.name, None)
                 d.target_done = reply.progress or d.target_done
-                if reply.detail.startswith(
-                    FINISHED
-                ):  # recorded finished by an earlier anchor: nothing more to do
-                    await self._close(d, "done", f"{step.name}: the target had closed it already")
+                if execution.already_finished(reply):  # closed by an earlier anchor: nothing more to run
+                    await self._close(cert, "done", f"{step.name}: the target had closed it already")
                     return
                 if ok:
                     # mirror the target's progress in our own journal, so a resumed drive skips it
                     await self._journaled(cert, step.name, _noop(detail))
-            elif later := _done_after(action.kind, step.name, d.target_done):
-                # An anchor that adopted the action has no record of its predecessor's steps: the target's
-                # journal has done `later`, which was asked for only once this step was done. Never run it again
-                # (a second remove would take out the node the add already brought back).
+            elif later := execution.done_after(action.kind, step.name, d.target_done):
                 ok, detail = await self._journaled(
                     cert, step.name, _noop(f"done before this anchor: the target has done {later}")
                 )
@@ -582,12 +559,12 @@ class Actions:
                 if attempts < step.attempts:
                     return  # again next round
                 await self._close(
-                    d, "aborted" if step.on_failure == "abort" else "failed", f"{step.name}: {detail}"
+                    cert, "aborted" if step.on_failure == "abort" else "failed", f"{step.name}: {detail}"
                 )
                 if step.on_failure == "escalate":
                     self.set_escalated(self.escalated | {action.target})
                 return
-        await self._close(d, "done", "every step done")
+        await self._close(cert, "done", "every step done")
 
     def _target_silent(self, d: Drive, step: playbooks.Step, detail: str) -> bool:
         """True while the target's agent has given no answer to `step` for less than the step's timeout. Such a
@@ -611,9 +588,7 @@ class Actions:
             return StepReply(False, str(exc)), exc.status is not None
         return reply, True
 
-    async def _close(self, d: Drive, outcome: str, detail: str) -> None:
-        cert = d.certificate
-        assert cert is not None
+    async def _close(self, cert: Certificate, outcome: str, detail: str) -> None:
         evidence = tuple(planner.decide(self.facts(anchor=self.cfg.name)).evidence)
         if self.journal.state().get(cert.action.id) is None:
             self.journal.begin(cert.action, cert, "anchor")
@@ -645,11 +620,12 @@ class Actions:
         host = target.minkms_host
         timeout = _step(action.kind, step_name).timeout
         if step_name == "remove":
-            if action.kind == "EVICT":
-                view = next((v for v in self.coordinator.views if v.name == action.target), None)
-                cls = view.verdict.cls if view is not None and view.verdict is not None else None
-                if cls not in (NodeClass.UNREACHABLE, NodeClass.STATE_LOST, NodeClass.CORRUPT):
-                    raise StepFailed(f"{action.target} is {cls} now: not evicted")
+            view = next((v for v in self.coordinator.views if v.name == action.target), None)
+            refusal = execution.evict_remove_refusal(
+                action, view.verdict.cls if view is not None and view.verdict is not None else None
+            )
+            if refusal is not None:
+                raise StepFailed(refusal)
             members = await _membership(agent)
             ids = [nid for nid, h in members.items() if h == host]
             if not ids:
@@ -670,14 +646,8 @@ class Actions:
         if step_name == "verify":
             if action.kind == "REJOIN":
                 await _until(timeout, lambda: self._healthy(action.target), f"{action.target} to be HEALTHY")
-            waiting = [
-                v.name
-                for v in self.coordinator.views
-                if v.name != action.target
-                and v.verdict is not None
-                and v.verdict.cls in (NodeClass.UNREACHABLE, NodeClass.STATE_LOST, NodeClass.CORRUPT)
-            ]
-            if action.kind == "EVICT" and waiting:
+            waiting = execution.writes_wait_for(action, self.coordinator.views)
+            if waiting:
                 # another failed node is still a member (several failures: it is removed next): writes wait for it
                 return f"verified: {host} is out; writes wait for {', '.join(waiting)}"
             await _until(timeout, lambda: self._writable(agent), "the anchor to accept writes")
@@ -792,24 +762,14 @@ class Actions:
         }
 
 
-def target_position(kind: str, step: str, done: list[str]) -> playbooks.Position:
-    """Where a step request stands against the target's own journal, which holds only the target's steps: the
-    anchor's steps before the requested one are vouched for by the anchor (it runs them before asking)."""
-    table = playbooks.steps(kind)
-    names = [s.name for s in table]
-    if step not in names or table[names.index(step)].runs_on != "target":
-        raise ValueError(f"{kind} has no target step {step!r}")
-    mine = [s.name for s in table if s.runs_on == "target"]
-    if done != mine[: len(done)]:
-        raise ValueError(
-            f"{kind} progress {done} is not a prefix of the target's steps {mine}: the journal is damaged"
-        )
-    i, k = mine.index(step), len(done)
-    if i < k - 1:
-        return "behind"
-    if i == k - 1:
-        return "repeat"
-    return "next" if i == k else "ahead"
+class _InHistory:
+    """The ids of the actions in this agent's history, as a container (looked up, never copied)."""
+
+    def __init__(self, history: History) -> None:
+        self.history = history
+
+    def __contains__(self, action_id: object) -> bool:
+        return isinstance(action_id, str) and self.history.find(action_id) is not None
 
 
 def _plain(value: Any) -> Any:
@@ -825,12 +785,6 @@ def _plain(value: Any) -> Any:
 
 def _step(kind: str, name: str) -> playbooks.Step:
     return next(s for s in playbooks.steps(kind) if s.name == name)
-
-
-def _done_after(kind: str, step: str, target_done: tuple[str, ...]) -> str | None:
-    """A target step after `step` that the target has journaled done, if any."""
-    names = [s.name for s in playbooks.steps(kind)]
-    return next((name for name in names[names.index(step) + 1 :] if name in target_done), None)
 
 
 def _noop(detail: str) -> Callable[[Action, str], Awaitable[str]]:

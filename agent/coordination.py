@@ -21,17 +21,17 @@ from aiohttp import web
 
 from agent import __version__
 from agent.config import AgentSpec, Config
+from agent.core import wire
 from agent.core.classify import Tracked, held_for, track
 from agent.core.election import Ballot, Election, ElectionTimings, ElectionView, refusal
-from agent.core import wire
 from agent.core.messages import Action, NodeReport, Report, RestoreApproval, VoteReply, VoteRequest
 from agent.core.restore import APPROVAL_VALIDITY
 from agent.core.view import (
     Member,
     NodeView,
     PeerState,
-    anchor_candidates,
     classify_cluster,
+    electable,
     fresh_report,
     reference_membership,
     report_age,
@@ -226,7 +226,7 @@ class Coordinator:
             raise web.HTTPForbidden(reason=f"vote request for {req.candidate!r} sent by {peer!r}")
         if req.term > MAX_TERM:
             raise web.HTTPUnprocessableEntity(reason=f"term {req.term} beyond {MAX_TERM}")
-        eligible = req.candidate in anchor_candidates(self.views)
+        eligible = req.candidate in electable(self.views, unfinished=self._unfinished())
         async with self.ballot_lock:  # decide and persist as one step: no second grant before the fsync
             reply, ballot = self.election.on_vote_request(req, time.monotonic(), eligible)
             if ballot is not None:
@@ -279,8 +279,11 @@ class Coordinator:
             restore=self.approval,
         )
 
+    def _unfinished(self) -> Action | None:
+        return self.actions.unfinished() if self.actions is not None else None
+
     def _in_flight(self) -> str | None:
-        action = self.actions.unfinished() if self.actions is not None else None
+        action = self._unfinished()
         return action.id if action is not None else None
 
     def reference(self, now: float) -> dict[int, str] | None:
@@ -301,9 +304,8 @@ class Coordinator:
                 self.tracked[v.name] = track(self.tracked.get(v.name), v.verdict, now)
         fresh = [r for p in peers.values() if (r := fresh_report(p, now, timeout)) is not None]
         was_anchor = self.election.is_anchor(now)
-        # A restarting agent cannot stand: passing over it lets the next one go without a back-off.
         restarting = {r.sender for r in fresh if r.restarting}
-        eligible = tuple(c for c in anchor_candidates(self.views) if c not in restarting)
+        eligible = electable(self.views, restarting, self._unfinished())
         view = ElectionView.from_reports(eligible, fresh)
         out = self.election.tick(now, view, self.rng.random())
         if was_anchor and not self.election.is_anchor(now):

@@ -6,11 +6,11 @@ round; election and, later, the planner read the result.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from agent.core.classify import PeerEvidence, Verdict, classify_peer
-from agent.core.messages import NodeReport, Report
+from agent.core.messages import Action, NodeReport, Report
 from agent.core.model import NodeClass
 
 LEADER_ROLE = "Leader"
@@ -142,3 +142,22 @@ def _restore_candidates(views: Sequence[NodeView]) -> tuple[str, ...]:
     if any(v.verdict is not None and v.verdict.cls in serving for v in views):
         return ()
     return tuple(v.name for v in views if v.verdict is not None and v.verdict.cls is NodeClass.STATE_LOST)
+
+
+def electable(
+    views: Sequence[NodeView], restarting: Iterable[str] = (), unfinished: Action | None = None
+) -> tuple[str, ...]:
+    """`anchor_candidates`, less the agents that could not serve as anchor now, in this agent's own view: one
+    within its restart window (it cannot stand: passing over it lets the next one go without a back-off), and
+    the target of the unfinished action. That action comes before anything else, and no anchor may act on
+    itself (guards, not-the-anchor): as anchor, its target would block the cluster for ever (found by the
+    simulator: a REJOIN's target, a HEALTHY member again once its own steps are done, became anchor before the
+    verify). Voters apply it too, so such an anchor steps down and another one resumes the action. When the
+    target is the only candidate it stays one: no anchor at all would block everything as surely (a REJOIN's
+    target that did all its own steps then closes the action itself: `execution.target_closes`). A RESTORE is
+    the exception: it runs on its anchor."""
+    ready = tuple(c for c in anchor_candidates(views) if c not in set(restarting))
+    others = tuple(
+        c for c in ready if unfinished is None or unfinished.kind == "RESTORE" or c != unfinished.target
+    )
+    return others or ready

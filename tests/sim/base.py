@@ -11,7 +11,7 @@ from typing import Any
 
 from agent.config import Policy, Timings
 from agent.core.election import Election, ElectionTimings
-from agent.core.messages import Ack, Action, StepReply, VoteRequest
+from agent.core.messages import Ack, StepReply, VoteRequest
 
 CLUSTER = "sim"
 BROKEN_RULES = (
@@ -174,26 +174,6 @@ class StepAnswer:
     action_id: str
     step: str
     reply: StepReply
-    finished: bool = False  # the target has the action journaled finished
-
-
-@dataclass(frozen=True)
-class Abort:
-    """A conflicting held action that no certificate may ever need: its target closes it if it ran no step."""
-
-    action: Action
-
-
-@dataclass(frozen=True)
-class Adopt:
-    """The target of an Abort ran steps of it: the sender must adopt (resume) it instead."""
-
-    action: Action
-
-
-@dataclass(frozen=True)
-class Finished:
-    action_id: str
 
 
 # -- signatures: HMAC with a per-agent secret stands in for the TLS key ----------------------------------------

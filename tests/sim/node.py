@@ -3,14 +3,18 @@
 Real: `Election`, `classify_cluster` / `anchor_candidates` / `reference_membership`, `planner.decide` on the
 anchor, `guards.verdict` in every ack (each agent from its own facts: its class timers, its history, its
 escalations, its pause), `answer_ack` / `AckCollector` / `certificate_problems`, the step tables of
-`playbooks` and the target's position check (`agent.actions.target_position`). Modelled: the minkms world
-(`world.py`), persistence (a `Disk` that survives crashes, memory that does not), and the network.
+`playbooks`, and the executor's rules of `agent.core.execution`, which agent/actions.py calls too: which
+unfinished action comes first (reports carry it whole), the target's answer to a step request (older term,
+closed action, a REJOIN its own view does not call for, its position against its journal), "already finished",
+the anchor's skip of steps a resumed action's target shows done, EVICT's re-check before remove and its verify
+that does not wait for writes while another failed member remains, and the adoption of a held action.
+Modelled: the minkms world (`world.py`), persistence (a `Disk` that survives crashes, memory that does not),
+and the network.
 
-The shell follows agent/actions.py: facts built the same way, the anchor re-deciding every round, certifying,
-then running the steps in table order with its lease checked before each, target steps requested from the
-target (which verifies the certificate, refuses an older term and a step ahead of its journal, and answers
-"done" for a step behind or equal to its progress), every step journaled (intent, then outcome) and idempotent.
-Where it differs from the daemon, the difference is named in docs/protocol.md ("What the simulator checks").
+The shell follows agent/actions.py step for step: facts built the same way, the anchor re-deciding every
+round, certifying, then running the steps in table order with its lease checked before each, target steps
+requested from the target, every step journaled (intent, then outcome) and idempotent. Where it differs from
+the daemon (time compressed, replies as messages), docs/protocol.md says so ("What the simulator checks").
 """
 
 from __future__ import annotations
@@ -20,12 +24,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from agent.actions import FINISH_STEP, target_position
+from agent.core import execution, guards, planner, playbooks
 from agent.core import facts as cf
-from agent.core import guards, planner, playbooks
 from agent.core.agreement import AckCollector, Held, answer_ack, certificate_problems, release
 from agent.core.classify import Tracked, held_for, track
 from agent.core.election import Ballot, Election, ElectionView, quorum, refusal
+from agent.core.execution import FINISH_STEP, RECENT_FINISHED
 from agent.core.messages import (
     AckReply,
     AckRequest,
@@ -43,17 +47,14 @@ from agent.core.view import (
     Member,
     NodeView,
     PeerState,
-    anchor_candidates,
     classify_cluster,
+    electable,
     reference_membership,
 )
 from tests.sim.base import (
     CLUSTER,
     ELECTIONS,
     STEP_WAIT,
-    Abort,
-    Adopt,
-    Finished,
     StepAnswer,
     sim_sign,
     sim_verify,
@@ -62,8 +63,6 @@ from tests.sim.world import StepError
 
 if TYPE_CHECKING:
     from tests.sim.sim import Simulation
-
-RECENT_FINISHED = 16
 
 
 @dataclass
@@ -101,7 +100,6 @@ class Disk:
     held: Held | None = None
     journal: dict[str, JEntry] = field(default_factory=dict)
     history: list[HEntry] = field(default_factory=list)
-    finished: list[str] = field(default_factory=list)  # every action recorded finished here, in order
     escalated: set[str] = field(default_factory=set)
     pause_epoch: int = 0
     paused_until: float = 0.0
@@ -116,10 +114,13 @@ class Drive:
     term: int
     collector: AckCollector
     resume: bool
+    fresh: bool  # proposed with nothing unfinished in this anchor's view: dropped for a held action
     cert: Certificate | None = None
+    holding: dict[str, Action] = field(default_factory=dict)  # refusers' different held actions, this round
     attempts: dict[str, int] = field(default_factory=dict)
     waiting: str | None = None  # the step awaiting a reply (or, for verify, its condition)
     sent: float = 0.0
+    unanswered: dict[str, float] = field(default_factory=dict)  # step -> when the target first did not answer
     target_done: tuple[str, ...] = ()  # the target's journaled progress, as its replies report it
 
 
@@ -144,7 +145,6 @@ class SimAgent:
         self.views: tuple[NodeView, ...] = ()
         self.seq = 0
         self.drive: Drive | None = None
-        self.adopted: Action | None = None  # an unfinished action learnt from a peer (memory only)
         self.own: NodeReport | None = None
 
     def clock(self, t: float) -> float:
@@ -250,10 +250,17 @@ class SimAgent:
         )
 
     def unfinished(self) -> Action | None:
-        if self.disk.held is not None:
-            return self.disk.held.action
-        pending = [j.action for j in self.disk.journal.values() if j.outcome is None]
-        return pending[0] if pending else self.adopted
+        d = self.disk
+        now = self.clock(self.sim.t)
+        return execution.unfinished_action(
+            d.held.action if d.held is not None else None,
+            [j.action for j in d.journal.values() if j.outcome is None],
+            self.fresh_reports(now),
+            {e.action.id for e in d.history},
+        )
+
+    def finished_ids(self) -> tuple[str, ...]:
+        return tuple(e.action.id for e in self.disk.history[-RECENT_FINISHED:])
 
     # -- events ----------------------------------------------------------------------------------------------
 
@@ -265,7 +272,7 @@ class SimAgent:
         now = self.clock(sim.t)
         self.observe(now)
         restarting = {r.sender for r in self.fresh_reports(now) if r.restarting}
-        eligible = tuple(c for c in anchor_candidates(self.views) if c not in restarting)
+        eligible = electable(self.views, restarting, self.unfinished())
         view = ElectionView.from_reports(eligible, self.fresh_reports(now))
         out = self.election.tick(now, view, sim.rng.random())
         if out is not None:
@@ -304,10 +311,11 @@ class SimAgent:
             e.lease_remaining(now) if e.is_anchor(now) else None,
             self.own,
             unfinished.id if unfinished else None,
+            unfinished,
             restarting=e.restarting(now),
             pause_epoch=d.pause_epoch,
             paused_until=d.paused_until,
-            finished=tuple(d.finished[-RECENT_FINISHED:]),
+            finished=self.finished_ids(),
         )
         self.broadcast(report)
 
@@ -339,22 +347,16 @@ class SimAgent:
             if msg.anchor == src:
                 self.send_to(src, self.answer(msg, now))
         elif isinstance(msg, AckReply):
-            self.on_ack_reply(msg, now)
+            self.on_ack_reply(src, msg, now)
         elif isinstance(msg, StepRequest):
             self.on_step_request(src, msg)
         elif isinstance(msg, StepAnswer):
             self.on_step_answer(msg, now)
         elif isinstance(msg, Share):
             self.on_share(msg.entry)
-        elif isinstance(msg, Abort):
-            self.on_abort(src, msg.action)
-        elif isinstance(msg, Finished):
-            self.on_peer_finished((msg.action_id,))
-        elif isinstance(msg, Adopt):
-            self.adopt(msg.action)
 
     def on_vote_request(self, req: VoteRequest, now: float) -> None:
-        eligible = req.candidate in anchor_candidates(self.views)
+        eligible = req.candidate in electable(self.views, unfinished=self.unfinished())
         reply, ballot = self.election.on_vote_request(req, now, eligible)
         if ballot is not None and not self.persist_ballot(ballot):
             self.election.persist_failed()
@@ -388,6 +390,11 @@ class SimAgent:
     def anchor_work(self, now: float) -> None:
         """One round of agent/actions.py's drive_once: decide, certify, run the next steps."""
         facts = self.facts(self.name, now)
+        mine = self.disk.journal.get(facts.unfinished.id) if facts.unfinished is not None else None
+        if mine is not None and execution.target_closes(facts.unfinished, self.name, mine.done):
+            self.sim.stats["self_closed"] += 1
+            self.close_action(mine.cert, "done", "closed by its target, anchor now: its own steps all done")
+            return
         decision = planner.decide(facts)
         for node in decision.escalate:
             if node not in self.disk.escalated:
@@ -404,7 +411,8 @@ class SimAgent:
         if d is None or d.action.id != action.id or d.term != term:
             self.sim.checker.proposed(self, action, facts)
             collector = AckCollector(CLUSTER, term, action, self.sim.cfg.names, sim_verify)
-            d = self.drive = Drive(action, term, collector, guards.is_resume(action, facts))
+            resume = guards.is_resume(action, facts)
+            d = self.drive = Drive(action, term, collector, resume, fresh=facts.unfinished is None)
             self.sim.stats["proposals"] += 1
             self.sim.note(f"{self.name} proposes {action.id} in term {term}: {decision.reason}")
         if d.cert is None:
@@ -413,12 +421,20 @@ class SimAgent:
             self.advance(d, now)
 
     def certify(self, d: Drive, now: float) -> None:
+        """agent/actions.py's _certify, one round: the replies of the last round have arrived (or never will);
+        a fresh proposal refused by holders of a different action gives way to it (`execution.to_adopt`)."""
+        adopt = execution.to_adopt(d.fresh, d.cert is not None, d.holding)
+        if adopt is not None:
+            self.disk.held = Held(adopt, d.term)
+            self.drive = None
+            self.sim.stats["adoptions"] += 1
+            self.sim.note(f"{self.name} adopts {adopt.id}, dropping {d.action.id}")
+            return
+        d.holding = {}
         req = AckRequest(CLUSTER, d.term, self.name, d.action)
         if self.name not in d.collector.signers:
             own = self.answer(req, now)
             if not own.granted or own.ack is None:
-                if own.holding is not None:
-                    self.conflict(own.holding)
                 return
             d.collector.add(own.ack)
             if self.try_certify(d, now):
@@ -427,39 +443,15 @@ class SimAgent:
             if other != self.name and other not in d.collector.signers:
                 self.sim.send(self.name, other, req)
 
-    def on_ack_reply(self, reply: AckReply, now: float) -> None:
+    def on_ack_reply(self, src: str, reply: AckReply, now: float) -> None:
         d = self.drive
         if d is None or d.cert is not None or not self.election.is_anchor(now):
             return
         if reply.granted and reply.ack is not None:
             if d.collector.add(reply.ack) is None:
                 self.try_certify(d, now)
-        elif reply.holding is not None:
-            self.conflict(reply.holding)
-        elif d.resume and d.action.kind == "REJOIN":
-            # Sim-only resolution (docs/protocol.md): a peer refuses to re-certify the unfinished action; its
-            # target closes it if nothing of it ran, else answers Adopt. The daemon has no such path yet.
-            self.sim.stats["aborts_sent"] += 1
-            self.send_to(d.action.target, Abort(d.action))
-
-    def conflict(self, holding: Action) -> None:
-        """An agent holds a different unfinished action. A REJOIN's target closes it if it ran no step of it
-        (Abort), or answers Adopt; an EVICT is adopted at once. Either way this anchor then resumes it."""
-        d = self.drive
-        if d is not None and d.action.id == holding.id:
-            return
-        if holding.kind == "REJOIN":
-            self.sim.stats["aborts_sent"] += 1
-            self.send_to(holding.target, Abort(holding))
-        else:
-            self.adopt(holding)  # an EVICT's steps run on anchors only: no target can tell that none ran
-
-    def adopt(self, action: Action) -> None:
-        """DESIGN §4.4: a new anchor adopts the unfinished action and re-certifies it before anything else."""
-        if self.unfinished() is None and action.id not in self.disk.finished:
-            self.adopted = action
-            self.drive = None
-            self.sim.note(f"{self.name} adopts {action.id}")
+        elif reply.holding is not None and reply.holding.id != d.action.id:
+            d.holding[src] = reply.holding
 
     def try_certify(self, d: Drive, now: float) -> bool:
         cert = d.collector.certificate()
@@ -475,9 +467,8 @@ class SimAgent:
         """agent/actions.py's _advance: the steps in order, the lease checked before each."""
         cert = d.cert
         assert cert is not None
-        action, probe = cert.action, self.sim.cfg.probe
-        table = playbooks.steps(action.kind)
-        for i, step in enumerate(table):
+        action = cert.action
+        for step in playbooks.steps(action.kind):
             if not self.alive or self.drive is not d:
                 return
             if not self.election.is_anchor(self.clock(self.sim.t)):
@@ -486,30 +477,20 @@ class SimAgent:
             j = self.disk.journal.get(action.id)
             if j is not None and step.name in j.done:
                 continue
-            if self.sim.cfg.broken != "rerun-anchor-steps" and any(
-                s.name in d.target_done for s in table[i + 1 :] if s.runs_on == "target"
-            ):
-                self.mirror(cert, step.name)  # the target is past it: it was done, by an earlier anchor
-                continue
             if step.runs_on == "target" and action.target != self.name:
-                if d.waiting == step.name and now - d.sent < STEP_WAIT * probe:
-                    return
-                if d.waiting == step.name:
-                    d.waiting = None
-                    self.failed(d, step, "no answer in time")
-                    return
-                d.waiting, d.sent = step.name, now
-                self.sim.send(self.name, action.target, StepRequest(cert, step.name))
+                self.request_step(d, step, now)
                 return
-            if step.name == "verify" and not self.verified(action, now):
+            later = execution.done_after(action.kind, step.name, d.target_done)
+            if later is not None and self.sim.cfg.broken != "rerun-anchor-steps":
+                self.mirror(cert, step.name)  # done before this anchor: the target has done `later`
+                continue
+            if step.name == "verify" and not self.verified(action):
                 if d.waiting != "verify":
                     d.waiting, d.sent = "verify", now
-                if now - d.sent < 3 * STEP_WAIT * probe:
+                if now - d.sent < 3 * STEP_WAIT * self.sim.cfg.probe:
                     return
                 d.waiting = None
-            result = self.journaled(
-                cert, step, functools.partial(self.run_anchor_step, action, step.name, now)
-            )
+            result = self.journaled(cert, step, functools.partial(self.run_anchor_step, action, step.name))
             if result is None:
                 return
             ok, detail = result
@@ -518,26 +499,46 @@ class SimAgent:
                 return
         self.close(d, "done", "every step done")
 
-    def verified(self, action: Action, now: float) -> bool:
-        world = self.sim.world
-        if action.kind == "EVICT":
-            # Deviation (docs/protocol.md): the daemon waits for writes, which never work while another failed
-            # member remains (the EVICTs that make room for several lost nodes); the sim checks what it can.
-            lost = [m for m in world.members if not world.nodes[m].live or world.nodes[m].data == "empty"]
-            return action.target not in world.members and (world.writable() or bool(lost))
-        if not world.writable():
-            return False
-        view = next((v for v in self.views if v.name == action.target), None)
-        return bool(view and view.verdict and view.verdict.cls is NodeClass.HEALTHY)
+    def request_step(self, d: Drive, step: playbooks.Step, now: float) -> None:
+        """Ask the target for `step`. A reply is awaited for STEP_WAIT probe periods (the daemon's HTTP timeout,
+        compressed); a target that stays silent is asked again, and its silence counts as a failed attempt only
+        once the step's own timeout has passed (agent/actions.py's _target_silent: its agent may be restarting)."""
+        assert d.cert is not None
+        if d.waiting == step.name and now - d.sent < STEP_WAIT * self.sim.cfg.probe:
+            return
+        if d.waiting == step.name:
+            d.waiting = None
+            since = d.unanswered.setdefault(step.name, d.sent)
+            if now - since >= step.timeout:
+                d.unanswered.pop(step.name)
+                self.failed(d, step, "no answer within the step's timeout")
+                return
+        d.waiting, d.sent = step.name, now
+        self.sim.send(self.name, d.action.target, StepRequest(d.cert, step.name))
 
-    def run_anchor_step(self, action: Action, step: str, now: float) -> str:
+    def verified(self, action: Action) -> bool:
+        """The verify step's condition, as agent/actions.py's: a REJOIN's target HEALTHY in the anchor's view,
+        then writes, unless an EVICT leaves another failed member behind (`execution.writes_wait_for`)."""
+        if action.kind == "REJOIN":
+            view = next((v for v in self.views if v.name == action.target), None)
+            if not (view and view.verdict and view.verdict.cls is NodeClass.HEALTHY):
+                return False
+        return bool(execution.writes_wait_for(action, self.views)) or self.sim.world.writable()
+
+    def run_anchor_step(self, action: Action, step: str) -> str:
         world = self.sim.world
         if step == "remove":
+            view = next((v for v in self.views if v.name == action.target), None)
+            refusal = execution.evict_remove_refusal(
+                action, view.verdict.cls if view is not None and view.verdict is not None else None
+            )
+            if refusal is not None:
+                raise StepError(refusal)
             return world.remove(self.name, action.target)
         if step == "add":
             return world.add(self.name, action.target)
         if step == "verify":
-            if not self.verified(action, now):
+            if not self.verified(action):
                 raise StepError("timed out waiting for the target to be HEALTHY and writes to work")
             return "verified"
         raise StepError(f"{step} is not a step of the anchor")
@@ -546,15 +547,14 @@ class SimAgent:
         d = self.drive
         if d is None or d.cert is None or d.action.id != ans.action_id or ans.step == FINISH_STEP:
             return
-        if len(ans.reply.progress) > len(d.target_done):
-            d.target_done = ans.reply.progress
-        if ans.finished:
-            self.sim.note(f"{self.name} stops {ans.action_id}: its target has it finished")
-            self.on_peer_finished((ans.action_id,))
-            return
         if d.waiting != ans.step:
             return
         d.waiting = None
+        d.unanswered.pop(ans.step, None)
+        d.target_done = ans.reply.progress or d.target_done
+        if execution.already_finished(ans.reply):
+            self.close(d, "done", f"{ans.step}: the target had closed it already")
+            return
         step = next(s for s in playbooks.steps(d.action.kind) if s.name == ans.step)
         if ans.reply.ok:
             self.mirror(d.cert, ans.step)
@@ -582,8 +582,11 @@ class SimAgent:
             self.sim.stats["escalations"] += 1
 
     def close(self, d: Drive, outcome: str, detail: str) -> None:
-        cert = d.cert
-        assert cert is not None
+        assert d.cert is not None
+        self.close_action(d.cert, outcome, detail)
+
+    def close_action(self, cert: Certificate, outcome: str, detail: str) -> None:
+        """agent/actions.py's _close: history, journal, the target told to close its side, the entry shared."""
         action = cert.action
         j = self.disk.journal.setdefault(action.id, JEntry(action, cert, self.wall()))
         entry = self.record_finished(j, outcome)
@@ -595,19 +598,16 @@ class SimAgent:
         self.drive = None
 
     def record_finished(self, j: JEntry, outcome: str) -> HEntry:
+        """agent/io/journal.py's close_action: the history entry (once), then the journal's finish; the held
+        ack is released."""
         j.outcome, j.intent = outcome, None
-        entry = HEntry(j.action, j.cert, outcome, j.started_wall)
-        if all(e.action.id != j.action.id for e in self.disk.history):
+        entry = next((e for e in self.disk.history if e.action.id == j.action.id), None)
+        if entry is None:
+            entry = HEntry(j.action, j.cert, outcome, j.started_wall)
             self.disk.history.append(entry)
-        self.finish(j.action.id)
+        self.disk.held = release(self.disk.held, j.action.id)
+        self.sim.checker.finished(self, j.action.id)
         return entry
-
-    def finish(self, action_id: str) -> None:
-        d = self.disk
-        if action_id not in d.finished:
-            d.finished.append(action_id)
-        d.held = release(d.held, action_id)
-        self.sim.checker.finished(self, action_id)
 
     def on_share(self, entry: HEntry) -> None:
         problems = certificate_problems(
@@ -620,19 +620,15 @@ class SimAgent:
         self.on_peer_finished((entry.action.id,))
 
     def on_peer_finished(self, finished: tuple[str, ...]) -> None:
+        """agent/actions.py's on_peer_finished: release the held ack, close our journal of those actions (a
+        target whose finish request was lost), except the one this agent drives."""
         d = self.disk
-        for action_id in finished:
-            if d.held is not None and d.held.action.id == action_id:
-                d.held = None
-            j = d.journal.get(action_id)
-            if j is not None and j.outcome is None:
+        if d.held is not None and d.held.action.id in finished:
+            d.held = release(d.held, d.held.action.id)
+        for j in list(d.journal.values()):
+            driving = self.drive is not None and self.drive.action.id == j.action.id
+            if j.action.id in finished and j.outcome is None and not driving:
                 self.record_finished(j, "done")
-            elif action_id not in d.finished:
-                d.finished.append(action_id)
-            if self.drive is not None and self.drive.action.id == action_id:
-                self.drive = None
-            if self.adopted is not None and self.adopted.id == action_id:
-                self.adopted = None
 
     # -- the target ----------------------------------------------------------------------------------------
 
@@ -648,40 +644,37 @@ class SimAgent:
             if result is None:
                 return  # crashed before answering
             reply = result
-        finished = action.id in self.disk.finished and req.step != FINISH_STEP
-        self.send_to(src, StepAnswer(action.id, req.step, reply, finished))
+        self.send_to(src, StepAnswer(action.id, req.step, reply))
 
     def target_step(self, cert: Certificate, step_name: str) -> StepReply | None:
         """agent/actions.py's _target_step."""
         action, d = cert.action, self.disk
-        if cert.term < d.max_cert_term:
-            return StepReply(
-                False, f"refused: term {cert.term} is older than term {d.max_cert_term} already seen"
-            )
         j = d.journal.get(action.id)
-        done = list(j.done) if j is not None else []
-        if step_name == FINISH_STEP:
+        done = tuple(j.done) if j is not None else ()
+        if step_name == FINISH_STEP and cert.term >= d.max_cert_term:
             if j is not None and j.outcome is None:
                 self.record_finished(j, "done")
-            self.finish(action.id)
-            return StepReply(True, "finished", tuple(done))
-        if action.id in d.finished:
-            return StepReply(True, "already finished", tuple(done))
-        try:
-            where = target_position(action.kind, step_name, done)
-        except ValueError as exc:
-            return StepReply(False, f"refused: {exc}", tuple(done))
-        if where in ("behind", "repeat"):
-            return StepReply(True, f"{step_name}: {where}", tuple(done))
-        if where == "ahead":
-            return StepReply(False, f"refused: {step_name} before its earlier steps", tuple(done))
+            d.held = release(d.held, action.id)
+            return StepReply(True, "finished", done)
+        mine = self.tracked.get(self.name)
+        decision = execution.target_decision(
+            action,
+            step_name,
+            cert_term=cert.term,
+            max_cert_term=d.max_cert_term,
+            begun=j is not None,
+            finished=j is not None and j.outcome is not None,
+            done=done,
+            own_class=mine.verdict.cls if mine is not None else None,
+        )
+        if not decision.run:
+            return StepReply(decision.ok, decision.detail, done)
         d.max_cert_term = max(d.max_cert_term, cert.term)
         step = next(s for s in playbooks.steps(action.kind) if s.name == step_name)
         result = self.journaled(cert, step, lambda: self.run_target_step(step_name))
         if result is None:
             return None
-        j = d.journal[action.id]
-        return StepReply(result[0], result[1], tuple(j.done))
+        return StepReply(result[0], result[1], tuple(d.journal[action.id].done))
 
     def run_target_step(self, step: str) -> str:
         world, me = self.sim.world, self.name
@@ -694,22 +687,6 @@ class SimAgent:
         if step not in run:
             raise StepError(f"{step} is not a step of the target")
         return run[step](me)
-
-    def on_abort(self, src: str, action: Action) -> None:
-        """Close a conflicting REJOIN that this target never ran a step of; otherwise ask the sender to adopt it."""
-        if action.target != self.name:
-            return
-        if action.id in self.disk.finished:
-            self.send_to(src, Finished(action.id))
-            return
-        j = self.disk.journal.get(action.id)
-        if j is not None and (j.done or j.intent):
-            self.send_to(src, Adopt(action))
-            return
-        self.sim.stats["aborts"] += 1
-        self.sim.note(f"{self.name} aborts {action.id}: it never ran a step of it")
-        self.finish(action.id)
-        self.broadcast(Finished(action.id))
 
     # -- journaled steps, with crashes between intent, effect and outcome ---------------------------------------
 

@@ -28,8 +28,8 @@ CONFIGURATIONS = [
 
 @pytest.mark.parametrize(("agents", "witnesses", "seeds"), CONFIGURATIONS)
 def test_every_invariant_holds_for_every_seed(agents: int, witnesses: int, seeds: int) -> None:
-    """Safety on every seed; an anchor after the faults stop on every seed; most lost nodes healed in the bound
-    (the rest are the known liveness gaps, pinned by the xfail below)."""
+    """Safety on every seed; an anchor after the faults stop on every seed; nearly every lost node healed in the
+    bound (the rest are escalations after the faults stopped, pinned by the xfail below)."""
     start = time.process_time()
     failures: list[str] = []
     anchors = certified = steps = unhealed = 0
@@ -52,13 +52,14 @@ def test_every_invariant_holds_for_every_seed(agents: int, witnesses: int, seeds
     if agents - witnesses >= 3:
         # the runs must exercise what they claim to: certified actions run step by step
         assert certified > seeds and steps > seeds // 2
-        assert unhealed <= seeds * 0.15
+        assert unhealed <= seeds * 0.05  # 22 of 800 (2.8 %) at worst today: the escalations below
 
 
 @pytest.mark.xfail(
     strict=True,
-    reason="known liveness gaps (docs/protocol.md, 'Found by the simulator'): an unfinished action held by an "
-    "agent that a quorum no longer re-certifies blocks every other action",
+    reason="6 of 200 seeds (48 69 79 85 117 141): a REJOIN's target loses its state again mid-action, the "
+    "action fails and escalates it (as its table says); an escalated failed member then blocks every other node's "
+    "REJOIN (evict-first; its EVICT waits for `kmagent ack`), and the sim's operator acks only when faults stop",
 )
 def test_every_lost_node_is_healed_within_the_bound() -> None:
     failures = [describe(r) for seed in range(200) if not (r := run(SimConfig(seed=seed))).ok]

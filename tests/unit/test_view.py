@@ -107,3 +107,17 @@ def view(name: str, cls: str, commit: int | None, role: str = "Follower"):
 )
 def test_anchor_candidates(views, expected) -> None:
     assert anchor_candidates(views) == expected
+
+
+def test_electable_passes_over_restarting_agents_and_the_unfinished_actions_target() -> None:
+    """The target of the unfinished action cannot resume it as anchor (not-the-anchor), and nothing else may
+    happen first: it is passed over, unless it is the only candidate (then it closes the action itself)."""
+    from agent.core.messages import Action
+    from agent.core.view import electable
+
+    views = (view("a", "HEALTHY", 10), view("b", "HEALTHY", 10), view("c", "HEALTHY", 10))
+    rejoin_a = Action("rejoin-a-1-1", "REJOIN", "a")
+    assert electable(views) == ("a", "b", "c")
+    assert electable(views, {"b"}) == ("a", "c")
+    assert electable(views, (), rejoin_a) == ("b", "c")
+    assert electable(views, {"b", "c"}, rejoin_a) == ("a",)  # the only candidate stays one

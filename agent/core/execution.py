@@ -1,0 +1,203 @@
+"""The executor's rules (DESIGN §4.4, §5), pure: what the anchor and the target do with an action's steps.
+
+`agent/actions.py` runs them against minkms, the journal and the network; the simulator (`tests/sim/`) runs the
+same functions under faults. Keeping them here, apart from the I/O, is what lets the simulator test the
+daemon's rules instead of a copy of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from agent.core import playbooks
+from agent.core.messages import Action, Report, StepReply
+from agent.core.model import NodeClass
+from agent.core.view import NodeView
+
+__all__ = [
+    "FAILED",
+    "FINISHED",
+    "FINISH_STEP",
+    "RECENT_FINISHED",
+    "REJOIN_CLASSES",
+    "TargetDecision",
+    "already_finished",
+    "done_after",
+    "evict_remove_refusal",
+    "target_closes",
+    "target_decision",
+    "target_position",
+    "to_adopt",
+    "unfinished_action",
+    "writes_wait_for",
+]
+
+FINISH_STEP = "finish"
+"""Not in the tables: the anchor tells the target to close its side (journal, held ack, fresh-start grant)."""
+FINISHED = "already finished"
+"""How a target that closed the action answers any step of it; the anchor then closes its side too."""
+
+RECENT_FINISHED = 16
+"""Finished action ids carried in reports, so that every acker releases them."""
+REJOIN_CLASSES = frozenset({NodeClass.STATE_LOST, NodeClass.CORRUPT, NodeClass.EVICTED})
+"""A node's own classes that call for its REJOIN: the target begins one only in these."""
+FAILED = frozenset({NodeClass.UNREACHABLE, NodeClass.STATE_LOST, NodeClass.CORRUPT})
+"""Classes of a member that does not serve: minkms writes wait for it, and an EVICT may remove it."""
+
+
+def unfinished_action(
+    held: Action | None,
+    pending: Sequence[Action],
+    reports: Iterable[Report],
+    finished: Container[str],
+) -> Action | None:
+    """The unfinished action an agent must resume before anything else: the one it acked (held), else one its
+    journal has open, else one a fresh peer report carries whole that neither this agent (`finished`: its
+    history) nor any fresh report has seen finished.
+
+    Why reported actions: agents that acked an action under an anchor that has gone refuse every other action
+    while they hold it; a new anchor that never acked it would otherwise never learn of it, and the cluster
+    would be blocked for ever. Why the reports' finished ids too: a holder that missed the end of an action
+    still reports it for a while, and an agent that missed the history share (down at the time) would resume
+    an action already finished (found by the simulator: a second, needless EVICT remove)."""
+    if held is not None:
+        return held
+    if pending:
+        return pending[0]
+    fresh = list(reports)
+    done = {i for r in fresh for i in r.finished}
+    return next(
+        (
+            a
+            for r in fresh
+            if (a := r.in_flight_action) is not None and a.id not in finished and a.id not in done
+        ),
+        None,
+    )
+
+
+def target_position(kind: str, step: str, done: Sequence[str]) -> playbooks.Position:
+    """Where a step request stands against the target's own journal, which holds only the target's steps: the
+    anchor's steps before the requested one are vouched for by the anchor (it runs them before asking)."""
+    table = playbooks.steps(kind)
+    names = [s.name for s in table]
+    if step not in names or table[names.index(step)].runs_on != "target":
+        raise ValueError(f"{kind} has no target step {step!r}")
+    mine = [s.name for s in table if s.runs_on == "target"]
+    if list(done) != mine[: len(done)]:
+        raise ValueError(
+            f"{kind} progress {list(done)} is not a prefix of the target's steps {mine}: the journal is damaged"
+        )
+    i, k = mine.index(step), len(done)
+    if i < k - 1:
+        return "behind"
+    if i == k - 1:
+        return "repeat"
+    return "next" if i == k else "ahead"
+
+
+@dataclass(frozen=True)
+class TargetDecision:
+    """What the target does with a certified step request: run it (`run`), or answer `ok`/`detail` at once."""
+
+    run: bool
+    ok: bool = False
+    detail: str = ""
+
+
+def target_decision(
+    action: Action,
+    step: str,
+    *,
+    cert_term: int,
+    max_cert_term: int,
+    begun: bool,
+    finished: bool,
+    done: Sequence[str],
+    own_class: NodeClass | None,
+) -> TargetDecision:
+    """The target's answer to a step request whose certificate verified and names it (not FINISH_STEP).
+
+    * a term older than one it executed: refused (a delayed request from an old anchor);
+    * an action it closed: `FINISHED` (the anchor closes its side: nothing of it may run again);
+    * the first step of a REJOIN its own view does not call for: refused. A resumed action that was never
+      begun, whose node has recovered since, must never fence and wipe a healthy node; the refused fence
+      aborts it, and the aborted action releases every holder;
+    * else placed against its journal: behind and repeat answered done without running, ahead refused."""
+    if cert_term < max_cert_term:
+        return TargetDecision(
+            False, False, f"refused: term {cert_term} is older than term {max_cert_term} already seen"
+        )
+    if finished:
+        return TargetDecision(False, False, f"{FINISHED}: this node closed the action already")
+    if not begun and action.kind == "REJOIN" and own_class not in REJOIN_CLASSES:
+        return TargetDecision(
+            False, False, f"refused: this node is {own_class or 'not yet classified'} in its own view"
+        )
+    try:
+        where = target_position(action.kind, step, done)
+    except ValueError as exc:
+        return TargetDecision(False, False, f"refused: {exc}")
+    if where == "behind":
+        return TargetDecision(False, True, f"skipped: already past {step} (done: {', '.join(done)})")
+    if where == "repeat":
+        return TargetDecision(False, True, f"{step} already done")
+    if where == "ahead":
+        return TargetDecision(False, False, f"refused: {step} before its earlier steps (done: {list(done)})")
+    return TargetDecision(True)
+
+
+def already_finished(reply: StepReply) -> bool:
+    """The target closed the action (an earlier anchor finished it): the anchor closes its side and runs
+    nothing more of it."""
+    return not reply.ok and reply.detail.startswith(FINISHED)
+
+
+def done_after(kind: str, step: str, target_done: Sequence[str]) -> str | None:
+    """A target step after `step` that the target has journaled done, if any. An anchor that resumed the action
+    has no record of its predecessor's steps; the target did `later` only once `step` was done, so `step` must
+    never run again (a second remove would take out the node the add already brought back)."""
+    names = [s.name for s in playbooks.steps(kind)]
+    return next((name for name in names[names.index(step) + 1 :] if name in target_done), None)
+
+
+def evict_remove_refusal(action: Action, target_class: NodeClass | None) -> str | None:
+    """Why an EVICT's remove must not run now, or None: its target must still be failed in the anchor's view
+    (a resumed EVICT of a node that came back would remove a healthy member)."""
+    if action.kind == "EVICT" and target_class not in FAILED:
+        return f"{action.target} is {target_class} now: not evicted"
+    return None
+
+
+def writes_wait_for(action: Action, views: Iterable[NodeView]) -> tuple[str, ...]:
+    """Other failed nodes an EVICT's verify must not wait writes for (none for a REJOIN): while one is still a
+    member, writes cannot work until its own EVICT, next, makes room; its target being out is then enough."""
+    if action.kind != "EVICT":
+        return ()
+    return tuple(
+        v.name for v in views if v.name != action.target and v.verdict is not None and v.verdict.cls in FAILED
+    )
+
+
+def to_adopt(fresh: bool, certified: bool, holding: Mapping[str, Action]) -> Action | None:
+    """The held action a new anchor adopts instead of its own uncertified proposal, or None.
+
+    Only a fresh proposal (nothing was unfinished in its view) is dropped: peers that refuse it because they
+    hold a different unfinished action may hold a certified, half-done one, which comes first (DESIGN §4.4);
+    nobody else acked the fresh proposal and only this anchor collects its acks, so dropping it is safe."""
+    if not fresh or certified or not holding:
+        return None
+    return sorted(holding.items())[0][1]
+
+
+def target_closes(action: Action | None, me: str, done: Sequence[str]) -> bool:
+    """True when `me`, holding the lease, is the target of the unfinished `action` and has journaled every one of
+    its own steps: it then closes the action itself, done. No one else can: no anchor acts on itself
+    (not-the-anchor), and while it is the only eligible anchor no other can take over. Its steps done and the
+    lease held (only a HEALTHY member is eligible) show what the remaining anchor steps were for, the node a
+    member again with its state; its journal holds the certificate the history entry needs."""
+    if action is None or action.target != me:
+        return False
+    mine = [s.name for s in playbooks.steps(action.kind) if s.runs_on == "target"]
+    return bool(mine) and list(done) == mine
