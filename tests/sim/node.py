@@ -101,6 +101,7 @@ class Disk:
     journal: dict[str, JEntry] = field(default_factory=dict)
     history: list[HEntry] = field(default_factory=list)
     escalated: set[str] = field(default_factory=set)
+    acks: dict[str, float] = field(default_factory=dict)  # node -> wall time of the operator's `kmagent ack`
     pause_epoch: int = 0
     paused_until: float = 0.0
     max_cert_term: int = 0
@@ -242,6 +243,7 @@ class SimAgent:
                 cf.HistoryEntry(e.action.target, e.action.kind, e.started_wall, e.outcome) for e in d.history
             ),
             escalated=frozenset(d.escalated),
+            acked=tuple(sorted(d.acks.items())),
             paused_until=d.paused_until if wall < d.paused_until else 0.0,
             now=now,
             wall_now=wall,

@@ -17,6 +17,7 @@ an anchor within `liveness_bound`, then every node HEALTHY within `heal_bound` p
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import heapq
 import random
@@ -35,6 +36,9 @@ from tests.sim.base import (
 from tests.sim.checker import Checker, Violation
 from tests.sim.node import SimAgent
 from tests.sim.world import STATE, World
+
+OPERATOR_DELAY = 5.0  # seconds from an escalation to the operator's `kmagent ack`, once the faults stopped
+MAX_PAGES = 2  # a node that escalates again after that many acks is left to its escalation (excused)
 
 STATS = (
     "events",
@@ -79,6 +83,8 @@ class Simulation:
         self.seq = 0
         self.trace: list[str] = []
         self.faulty = True
+        self.paged: set[str] = set()  # escalated nodes an operator will ack (after the faults stopped)
+        self.pages: collections.Counter[str] = collections.Counter()
         self.touched: SimAgent | None = None  # the agent the current event ran on (None: check every agent)
         self.groups: dict[str, int] | None = None  # partition: agent -> side
         self.stats: dict[str, int] = dict.fromkeys(STATS, 0)
@@ -251,6 +257,22 @@ class Simulation:
                 self.note(f"OPERATOR starts minkms on {name}")
         self.note("QUIET: faults stopped")
 
+    def unacknowledged(self) -> list[str]:
+        """Nodes escalated since the faults stopped that no operator has been paged for yet."""
+        escalated = {n for a in self.agents.values() if a.alive for n in a.disk.escalated}
+        new = sorted(n for n in escalated - self.paged if self.pages[n] < MAX_PAGES)
+        self.pages.update(new)
+        return new
+
+    def operator_ack(self, name: str) -> None:
+        """`kmagent ack NODE` as the daemon does it: on every agent (reports carry it), the escalation released
+        and the node's hourly budget started afresh."""
+        for a in self.agents.values():
+            a.disk.escalated.discard(name)
+            a.disk.acks[name] = a.wall()
+        self.paged.discard(name)
+        self.note(f"OPERATOR acks {name}")
+
     # -- run -------------------------------------------------------------------------------------------------
 
     def excused(self, anchor: SimAgent | None) -> set[str]:
@@ -284,6 +306,11 @@ class Simulation:
                 self.checker.after_event(self.touched)
                 if self.faulty:
                     continue
+                for name in self.unacknowledged():
+                    # An escalation pages a human: they look, and `kmagent ack` it a little later.
+                    self.paged.add(name)
+                    self.schedule(self.t + OPERATOR_DELAY, self.operator_ack, name)
+                    heal_deadline = max(heal_deadline, self.t + OPERATOR_DELAY + heal_bound(cfg))
                 anchor = self.current_anchor()
                 if anchor_at is None:
                     if anchor is not None:
