@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from agent.config import Config
-from agent.core import execution, guards, planner, playbooks
+from agent.core import backups, execution, guards, planner, playbooks, restore
 from agent.core import facts as cf
 from agent.core.agreement import AckCollector, Held, answer_ack, certificate_problems, release
+from agent.core.backups import BackupInfo
 from agent.core.execution import FINISH_STEP, RECENT_FINISHED
 from agent.core.messages import (
     AckReply,
@@ -40,6 +41,7 @@ from agent.core.model import NodeClass, ServiceState
 from agent.core.view import fresh_report
 from agent.failpoints import hit
 from agent.io import logs
+from agent.io.backups import fetch_backup
 from agent.io.durable import read_json, write_json
 from agent.io.journal import History, HistoryEntry, Journal, close_action
 from agent.io.peers import PeerError
@@ -75,6 +77,7 @@ class Drive:
     attempts: dict[str, int] = field(default_factory=dict)
     unanswered: dict[str, float] = field(default_factory=dict)  # step -> when the target first did not answer
     target_done: tuple[str, ...] = ()  # the target's journaled progress, from its last reply
+    progress_known: bool = False  # the target has replied in this drive: target_done is its progress
     fresh: bool = (
         False  # proposed by this anchor (nothing was unfinished): no other agent can have acted on it
     )
@@ -149,6 +152,8 @@ class Actions:
             escalated=self.escalated,
             acked=self.ack_items(),
             paused_until=pause.until if pause.active(time.time()) else 0.0,
+            backups=self._holdings(now),
+            approval=c.approval,
             now=now,
             wall_now=time.time(),
             timings=self.cfg.timings,
@@ -365,8 +370,20 @@ class Actions:
             await agent.service.start()
             await _until(timeout, lambda: self._live(agent), "minkms to answer live")
             return "minkms started fresh"
+        if step_name == "fetch":
+            return await self._fetch(self._backup_of(action))
+        if step_name == "restore":
+            return await self._restore(agent, self._backup_of(action), timeout)
+        if step_name == "verify":  # RESTORE's: the node itself holds the backup's state and takes writes
+            want = self._backup_of(action).commit
+            await _until(timeout, lambda: _commit_reached(agent, want), f"this node's commit to reach {want}")
+            await _until(timeout, lambda: self._writable(agent), "this node to accept writes")
+            return f"verified: commit at least {want}, writes work"
         if step_name == "mark":
-            me = await _until(timeout, lambda: self._member_id(agent), "this node to see itself a member")
+            alone = action.kind == "RESTORE"  # a restored node is a cluster of one until the others rejoin
+            me = await _until(
+                timeout, lambda: self._member_id(agent, alone), "this node to see itself a member"
+            )
             marker = Marker(self.cfg.cluster, agent.my_host, me, time.time())
             await asyncio.to_thread(write_marker, agent.storage_path, marker, agent.marker_record)
             revoke_fresh_start(Path(self.cfg.state.dir))
@@ -384,10 +401,72 @@ class Actions:
         return (await agent.minkms.probe()).live is True
 
     @staticmethod
-    async def _member_id(agent: Agent) -> int | None:
+    async def _member_id(agent: Agent, alone: bool = False) -> int | None:
         view = await agent.minkms.cluster_status()
         me = view.node_by_host(agent.my_host)
-        return me.node_id if me is not None and len(me.members) > 1 else None
+        return me.node_id if me is not None and len(me.members) > (0 if alone else 1) else None
+
+    def _backup_of(self, action: Action) -> BackupInfo:
+        """The catalogue entry of the backup a RESTORE names (its id, sha256 and commit are signed into it)."""
+        params = dict(action.params)
+        for _, held in self.facts(anchor=None).backups:
+            for b in held:
+                if (b.id, b.sha256, str(b.commit)) == (
+                    params.get("backup"),
+                    params.get("sha256"),
+                    params.get("commit"),
+                ):
+                    return b
+        raise StepFailed(
+            f"{action.id} names backup {params.get('backup')!r}, which no fresh agent reports holding"
+        )
+
+    def _holdings(self, now: float) -> tuple[tuple[str, tuple[BackupInfo, ...]], ...]:
+        """The intact copies each agent holds: our own store, and what fresh peer reports say."""
+        timeout = self.cfg.timings.peer_timeout
+        held = [(self.cfg.name, tuple(self.agent().backup_store.entries()))]
+        for name, link in self.coordinator.links.items():
+            report = fresh_report(link.state, now, timeout)
+            if report is not None and report.backups:
+                held.append((name, report.backups))
+        return tuple(held)
+
+    async def _fetch(self, want: BackupInfo) -> str:
+        """RESTORE's fetch: an intact local copy of the backup, downloaded from a holder when needed."""
+        store = self.agent().backup_store
+        if any(b == want for b in store.entries()):
+            ok, detail = await asyncio.to_thread(store.verify, want.id)
+            if ok:
+                return f"local copy of {want.id} is intact"
+            log.error(logs.kv(event="backup_copy_corrupt", backup=want.id, detail=detail))
+        errors = []
+        for name, held in self.facts(anchor=None).backups:
+            spec = self.cfg.agent(name)
+            if name == self.cfg.name or spec is None or want not in held:
+                continue
+            try:
+                await fetch_backup(self.coordinator.client, spec, want, store)
+            except (PeerError, ValueError, OSError) as exc:
+                errors.append(f"{name}: {exc}")
+                continue
+            return f"fetched {want.id} from {name} (sha256 checked)"
+        raise StepFailed(
+            f"no intact copy of {want.id} could be had: " + ("; ".join(errors) or "no holder reports one")
+        )
+
+    async def _restore(self, agent: Agent, want: BackupInfo, timeout: float) -> str:
+        """RESTORE's restore: once. minkms refuses a restore onto a node that holds state, and a node whose commit
+        has reached the backup's was restored already (a repeat after a crash)."""
+        if await _commit_reached(agent, want.commit) and want.commit > 0:
+            return f"already restored: the node's commit has reached {want.commit}"
+        path = self.agent().backup_store.path(want.id)
+        result = await agent.minkms.restore(agent.my_host, path)
+        if not result.ok:
+            raise StepFailed(f"minkms restore {want.id}: {result.error}")
+        await _until(
+            timeout, lambda: _commit_reached(agent, want.commit), f"the commit to reach {want.commit}"
+        )
+        return f"restored {want.id} (commit {want.commit})"
 
     # ---- the anchor --------------------------------------------------------------------------------------
     async def drive_once(self) -> None:
@@ -532,7 +611,8 @@ class Actions:
                 log.warning(logs.kv(event="lease_lost_mid_action", action=action.id, step=step.name))
                 return
             state = self.journal.state().get(action.id)
-            if state is not None and step.name in state.progress.done:
+            done_here = state is not None and step.name in state.progress.done
+            if done_here and not execution.ask_progress(action, step, self.cfg.name, d.progress_known):
                 continue
             if step.runs_on == "target" and action.target != self.cfg.name:
                 reply, answered = await self._remote(cert, step.name, step.timeout)
@@ -541,12 +621,19 @@ class Actions:
                     return  # again next round
                 d.unanswered.pop(step.name, None)
                 d.target_done = reply.progress or d.target_done
+                d.progress_known = d.progress_known or answered
                 if execution.already_finished(reply):  # closed by an earlier anchor: nothing more to run
                     await self._close(cert, "done", f"{step.name}: the target had closed it already")
                     return
                 if ok:
                     # mirror the target's progress in our own journal, so a resumed drive skips it
                     await self._journaled(cert, step.name, _noop(detail))
+            elif (
+                step.runs_on == "target"
+            ):  # a RESTORE runs on its anchor: the same checks as a peer's request
+                async with self.lock:
+                    reply = await self._target_step(cert, step.name)
+                ok, detail = reply.ok, reply.detail
             elif later := execution.done_after(action.kind, step.name, d.target_done):
                 ok, detail = await self._journaled(
                     cert, step.name, _noop(f"done before this anchor: the target has done {later}")
@@ -729,6 +816,43 @@ class Actions:
             "follow it with `kmagent status` and `kmagent history`"
         )
 
+    def restore(self, approve: bool, backup: str | None, accept_loss_of: tuple[str, ...]) -> tuple[bool, str]:
+        """`kmagent restore [--backup ID] [--approve] [--accept-loss-of NODE]...`: without --approve, what a restore
+        would do; with it, an approval that travels to every agent (the anchor proposes the RESTORE, and each
+        acker checks guard rail 5 from its own view). Refused while any node serves in this agent's view."""
+        now = time.monotonic()
+        facts = self.facts(anchor=self.coordinator.election.anchor_hint(now), now=now)
+        for name in accept_loss_of:
+            node = facts.node(name)
+            if node is None or node.verdict is None:
+                return False, f"--accept-loss-of {name}: not a configured member"
+        serving = [
+            n.name
+            for n in facts.nodes
+            if n.verdict is not None and n.verdict.cls in (NodeClass.HEALTHY, NodeClass.DEGRADED)
+        ]
+        if serving:
+            return (
+                False,
+                f"refused: {', '.join(serving)} serve(s) in this agent's view: the cluster needs no restore",
+            )
+        chosen = backups.choose(dict(facts.backups), backup)
+        if chosen.backup is None:
+            return False, f"refused: {chosen.reason}"
+        plan = (
+            restore.advice(facts)
+            or "a restore needs an anchor among the nodes whose state is lost; none holds the lease yet"
+        )
+        if not approve:
+            return True, plan + "\nNothing was done: add --approve to arm the restore."
+        by = f"operator on {self.cfg.name}"
+        approval = self.coordinator.approve_restore(by, backup or "", accept_loss_of)
+        until = datetime.datetime.fromtimestamp(approval.until, datetime.UTC).strftime("%H:%M:%S UTC")
+        return True, (
+            f"restore of {chosen.backup.id} approved on every agent until {until}; the anchor proposes it and a "
+            "quorum must agree (follow with `kmagent status` and `kmagent history`).\n" + plan
+        )
+
     def ack(self, node: str) -> str:
         """`kmagent ack NODE`: release an ESCALATED node and start its budget afresh, on every agent (the ack
         travels in the reports)."""
@@ -758,6 +882,9 @@ class Actions:
                 "refusals": d.refusals,
             },
             "held": self.held.action.id if self.held else None,
+            "restore": restore.advice(
+                self.facts(anchor=self.coordinator.election.anchor_hint(time.monotonic()))
+            ),
             "escalated": sorted(self.escalated),
         }
 
@@ -792,6 +919,12 @@ def _noop(detail: str) -> Callable[[Action, str], Awaitable[str]]:
         return detail
 
     return run
+
+
+async def _commit_reached(agent: Agent, commit: int) -> bool:
+    view = await agent.minkms.cluster_status()
+    me = view.node_by_host(agent.my_host)
+    return me is not None and me.commit is not None and me.commit >= commit
 
 
 async def _membership(agent: Agent) -> dict[int, str]:

@@ -90,6 +90,9 @@ def render_status(status: dict[str, Any]) -> str:
             else ""
         ),
     ]
+    advice = (status.get("actions") or {}).get("restore")
+    if advice:
+        lines.append(advice)
     paused = status.get("paused")
     if paused:
         until = paused.get("until", 0)
@@ -236,6 +239,21 @@ def cmd_request(args: argparse.Namespace) -> int:
     except ControlError as exc:
         if exc.status == 409:
             print(f"kmagent {args.kind.lower()}: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        raise
+    print(answer["message"])
+    return EXIT_OK
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from agent.io.control import ControlError
+
+    body = {"approve": args.approve, "backup": args.backup, "accept_loss_of": args.accept_loss_of}
+    try:
+        answer = _call(args, "POST", "/v1/restore", body=body)
+    except ControlError as exc:
+        if exc.status == 409:
+            print(f"kmagent restore: {exc}", file=sys.stderr)
             return EXIT_FAILED
         raise
     print(answer["message"])
@@ -462,6 +480,28 @@ def build_parser() -> argparse.ArgumentParser:
         )
         s.add_argument("node", help="the agent name of the node")
         s.set_defaults(func=cmd_request, kind=kind)
+
+    s = sub.add_parser(
+        "restore",
+        help="rebuild the cluster from a backup after total failure (shows the plan; --approve arms it)",
+        description="When no node holds state, restore the freshest intact backup on one host and let the others "
+        "rejoin it. Without --approve it only says what would be restored and what would be lost. --approve arms "
+        "one restore for an hour on every agent; a quorum of agents must still agree, each from its own view, "
+        "that every node's state is lost. A node that may hold newer state (unreachable, agent down) blocks it "
+        "unless named with --accept-loss-of after `kmagent explain` has said what that loses.",
+    )
+    s.add_argument(
+        "--backup", metavar="ID", help="the backup to restore (refused when a newer one is available)"
+    )
+    s.add_argument("--approve", action="store_true", help="arm the restore (otherwise: only show the plan)")
+    s.add_argument(
+        "--accept-loss-of",
+        metavar="NODE",
+        action="append",
+        default=[],
+        help="a node without evidence of loss whose state the restore may lose (repeatable)",
+    )
+    s.set_defaults(func=cmd_restore)
 
     s = sub.add_parser("ack", help="release an ESCALATED node: automation may act on it again")
     s.add_argument("node", help="the agent name of the node")

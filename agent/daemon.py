@@ -25,6 +25,7 @@ from agent.actions import Actions
 from agent.config import Config, ConfigError, load_config, read_secret, split_hostport
 from agent.coordination import Coordinator
 from agent.core import wire
+from agent.core.backups import check_id
 from agent.core.classify import (
     Thresholds,
     Tracked,
@@ -395,6 +396,7 @@ class Daemon:
         self.control.route("POST", "/v1/ack", Access.ADMIN, self._ack)
         self.control.route("POST", "/v1/request", Access.ADMIN, self._request)
         self.control.route("POST", "/v1/pause", Access.ADMIN, self._pause)
+        self.control.route("POST", "/v1/restore", Access.ADMIN, self._restore)
         self.control.route("POST", "/v1/resume", Access.ADMIN, self._resume)
         try:
             await self.control.start()
@@ -617,6 +619,28 @@ class Daemon:
         except (ValueError, KeyError, TypeError) as exc:
             return json_response({"error": f"bad request: {exc}"}, 400)
         ok, message = await actions.request(kind, node)
+        return json_response({"message": message} if ok else {"error": message}, 200 if ok else 409)
+
+    async def _restore(self, request: web.Request) -> web.Response:
+        actions = self._actions()
+        if actions is None:
+            return self._witness()
+        try:
+            body = await request.json()
+            approve, backup, accept = body["approve"], body.get("backup"), body.get("accept_loss_of", [])
+            if not isinstance(approve, bool):
+                raise TypeError("approve must be true or false")
+            if backup is not None:
+                check_id(backup)
+            if (
+                not isinstance(accept, list)
+                or not all(isinstance(n, str) for n in accept)
+                or len(accept) > 64
+            ):
+                raise TypeError("accept_loss_of must be a list of node names")
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            return json_response({"error": f"bad restore request: {exc}"}, 400)
+        ok, message = actions.restore(approve, backup, tuple(dict.fromkeys(accept)))
         return json_response({"message": message} if ok else {"error": message}, 200 if ok else 409)
 
     async def _pause(self, request: web.Request) -> web.Response:

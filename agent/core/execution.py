@@ -16,6 +16,7 @@ from agent.core.model import NodeClass
 from agent.core.view import NodeView
 
 __all__ = [
+    "ask_progress",
     "FAILED",
     "FINISHED",
     "FINISH_STEP",
@@ -121,7 +122,7 @@ def target_decision(
 
     * a term older than one it executed: refused (a delayed request from an old anchor);
     * an action it closed: `FINISHED` (the anchor closes its side: nothing of it may run again);
-    * the first step of a REJOIN its own view does not call for: refused. A resumed action that was never
+    * the first step of a REJOIN (or RESTORE) its own view does not call for: refused. A resumed action that was never
       begun, whose node has recovered since, must never fence and wipe a healthy node; the refused fence
       aborts it, and the aborted action releases every holder;
     * else placed against its journal: behind and repeat answered done without running, ahead refused."""
@@ -131,7 +132,10 @@ def target_decision(
         )
     if finished:
         return TargetDecision(False, False, f"{FINISHED}: this node closed the action already")
-    if not begun and action.kind == "REJOIN" and own_class not in REJOIN_CLASSES:
+    if not begun and (
+        (action.kind == "REJOIN" and own_class not in REJOIN_CLASSES)
+        or (action.kind == "RESTORE" and own_class is not NodeClass.STATE_LOST)
+    ):
         return TargetDecision(
             False, False, f"refused: this node is {own_class or 'not yet classified'} in its own view"
         )
@@ -160,6 +164,15 @@ def done_after(kind: str, step: str, target_done: Sequence[str]) -> str | None:
     never run again (a second remove would take out the node the add already brought back)."""
     names = [s.name for s in playbooks.steps(kind)]
     return next((name for name in names[names.index(step) + 1 :] if name in target_done), None)
+
+
+def ask_progress(action: Action, step: playbooks.Step, me: str, progress_known: bool) -> bool:
+    """True when the anchor must ask the target again for a target step its own journal shows done, before going
+    on: its journal may be behind the target's (it crashed, or another anchor went further since), and only the
+    target's progress tells which of the anchor's later steps were done already (`done_after`). The target
+    answers a repeat from its journal and runs nothing (found by the simulator: an anchor that crashed at a
+    remove's intent resumed later and removed a node another anchor had added back meanwhile)."""
+    return step.runs_on == "target" and action.target != me and not progress_known
 
 
 def evict_remove_refusal(action: Action, target_class: NodeClass | None) -> str | None:

@@ -123,6 +123,7 @@ class Drive:
     sent: float = 0.0
     unanswered: dict[str, float] = field(default_factory=dict)  # step -> when the target first did not answer
     target_done: tuple[str, ...] = ()  # the target's journaled progress, as its replies report it
+    progress_known: bool = False  # the target has replied in this drive
 
 
 class SimAgent:
@@ -477,7 +478,8 @@ class SimAgent:
                 self.sim.note(f"{self.name} lost its lease before {step.name} of {action.id}")
                 return
             j = self.disk.journal.get(action.id)
-            if j is not None and step.name in j.done:
+            done_here = j is not None and step.name in j.done
+            if done_here and not execution.ask_progress(action, step, self.name, d.progress_known):
                 continue
             if step.runs_on == "target" and action.target != self.name:
                 self.request_step(d, step, now)
@@ -554,6 +556,7 @@ class SimAgent:
         d.waiting = None
         d.unanswered.pop(ans.step, None)
         d.target_done = ans.reply.progress or d.target_done
+        d.progress_known = True
         if execution.already_finished(ans.reply):
             self.close(d, "done", f"{ans.step}: the target had closed it already")
             return

@@ -52,7 +52,9 @@ def test_every_invariant_holds_for_every_seed(agents: int, witnesses: int, seeds
     if agents - witnesses >= 3:
         # the runs must exercise what they claim to: certified actions run step by step
         assert certified > seeds and steps > seeds // 2
-        assert unhealed <= seeds * 0.02  # 4 of 800 at worst today (test_every_lost_node_is_healed_within_the_bound
+        assert (
+            unhealed <= seeds * 0.02
+        )  # 4 of 800 at worst today (test_every_lost_node_is_healed_within_the_bound
         # runs these seeds with the liveness check: an unhealed run here is one whose bound the check extends)
 
 

@@ -91,3 +91,17 @@ def test_the_anchor_closes_a_rejoin_of_itself_once_its_own_steps_are_done() -> N
     assert not execution.target_closes(REJOIN, "a1", mine[:3])
     assert not execution.target_closes(REJOIN, "a0", mine)
     assert not execution.target_closes(EVICT, "a2", ())  # no target steps: never by itself
+
+
+def test_an_anchor_asks_the_target_again_for_a_target_step_it_journaled() -> None:
+    """Its journal may be behind the target's: only the target's answer tells which anchor steps were done."""
+    from agent.core.execution import ask_progress
+    from agent.core.messages import Action
+    from agent.core.playbooks import steps
+
+    rejoin = Action("rejoin-c-3-1", "REJOIN", "c")
+    fence, remove = steps("REJOIN")[0], steps("REJOIN")[2]
+    assert ask_progress(rejoin, fence, "a", progress_known=False)
+    assert not ask_progress(rejoin, fence, "a", progress_known=True)  # asked once in this drive: enough
+    assert not ask_progress(rejoin, remove, "a", progress_known=False)  # its own step: its journal decides
+    assert not ask_progress(Action("restore-a-3-1", "RESTORE", "a"), steps("RESTORE")[0], "a", False)
