@@ -21,6 +21,7 @@ from aiohttp import web
 
 from agent import __version__
 from agent.config import AgentSpec, Config
+from agent.core.backups import BackupInfo
 from agent.core.classify import Tracked, held_for, track
 from agent.core.election import Ballot, Election, ElectionTimings, ElectionView, refusal
 from agent.core.messages import Action, NodeReport, Report, VoteReply, VoteRequest
@@ -168,6 +169,8 @@ class Coordinator:
         self.actions: ActionsHooks | None = None  # set by the daemon once the executor exists
         self.pause_path = Path(cfg.state.dir) / "pause.json"
         self.pause = load_pause(self.pause_path)
+        # the backup copies this agent holds intact, for its reports (set by the daemon's backup service)
+        self.held_backups: Callable[[], tuple[BackupInfo, ...]] = tuple
 
     def routes(self) -> list[Route]:
         return [(REPORT_PATH, Report, self.on_report), (VOTE_PATH, VoteRequest, self.on_vote)]
@@ -257,6 +260,7 @@ class Coordinator:
             pause_epoch=self.pause.epoch,
             paused_until=self.pause.until,
             pause_reason=self.pause.reason,
+            backups=self.held_backups(),
         )
 
     def _in_flight(self) -> str | None:
