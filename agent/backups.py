@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from agent.config import Config, read_secret
+from agent.config import Config, ConfigError, read_secret
 from agent.coordination import Coordinator
 from agent.core import wire
 from agent.core.backups import REPORTED, BackupInfo, backup_id, newest_first
@@ -42,6 +42,8 @@ log = logging.getLogger("kmagent")
 NOW_PATH = "/v1/peer/backup-now"
 RETRY_MAX = 30.0
 """A failed backup or transfer is tried again after min(backup.interval, this) seconds."""
+FUTURE_SLACK = 60.0
+"""A reported backup created further ahead of this agent's clock than this is ignored by the schedule."""
 SCRATCH_START = 30.0
 """How long a scratch minkms may take to accept writes."""
 SCRATCH_STOP = 5.0
@@ -148,9 +150,11 @@ class BackupService:
             return False
         if self.retry_at is not None and now < self.retry_at:
             return False
+        wall = time.time()
         known = [*self.store.entries(), *(b for held in reported.values() for b in held)]
-        newest = max((b.created for b in known), default=None)
-        return newest is None or time.time() - newest >= self.cfg.backup.interval
+        # an entry "from the future" (a peer's clock far ahead, or a bogus report) must not stop backups
+        newest = max((b.created for b in known if b.created <= wall + FUTURE_SLACK), default=None)
+        return newest is None or wall - newest >= self.cfg.backup.interval
 
     # ---- taking one --------------------------------------------------------------------------------------
     async def take(self, reason: str) -> tuple[bool, str]:
@@ -538,7 +542,11 @@ async def scratch_restore(
             True,
             f"restored into a scratch minkms at {address}: commit {max(commits)} (backup: {info.commit})",
         )
-    except (OSError, ValueError) as exc:
+    except (
+        OSError,
+        ValueError,
+        ConfigError,
+    ) as exc:  # ConfigError: scratch_env_file unreadable or not private
         return False, f"scratch restore failed: {exc}"
     finally:
         await base.close()

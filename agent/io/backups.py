@@ -18,7 +18,7 @@ import os
 import tempfile
 import time
 import zlib
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -326,7 +326,7 @@ async def _chunks(stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def _file_chunks(path: Path) -> AsyncIterator[bytes]:
+async def _file_chunks(path: Path) -> AsyncGenerator[bytes, None]:
     """A file's chunks, read off the event loop."""
     f = await asyncio.to_thread(open, path, "rb")
     try:
@@ -387,19 +387,20 @@ def peer_streams(
             headers={HEADER: encode_header(info), "Content-Type": "application/gzip"}
         )
         response.content_length = info.size
+        chunks = _file_chunks(path)  # opened before the headers go: a copy dropped meanwhile is a 404
         try:
-            chunks = _file_chunks(path)
-            first = (
-                await chunks.__anext__()
-            )  # opened before the headers go: a copy dropped meanwhile is a 404
-        except (OSError, StopAsyncIteration):
-            return error_response(404, f"the copy of {backup} is gone (retention)")
-        await response.prepare(request)
-        await response.write(first)
-        async for chunk in chunks:
-            await response.write(chunk)
-        await response.write_eof()
-        return response
+            try:
+                first = await chunks.__anext__()
+            except (OSError, StopAsyncIteration):
+                return error_response(404, f"the copy of {backup} is gone (retention)")
+            await response.prepare(request)
+            await response.write(first)
+            async for chunk in chunks:
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+        finally:
+            await chunks.aclose()
 
     async def catalogue(peer: str, request: web.Request) -> web.StreamResponse:
         body = wire.dumps(Catalogue(tuple(store().entries())))

@@ -123,6 +123,7 @@ async def test_only_the_anchor_backs_up_and_only_when_the_newest_is_an_interval_
     recent = old_entry(40, time.time() - 60)
     assert not service.due({"km2": (recent,)}, now)
     assert service.due({"km2": (old_entry(40, time.time() - 7200),)}, now)
+    assert service.due({"km2": (old_entry(40, time.time() + 86400),)}, now)  # from the future: ignored
     ok, backup = await service.take("test")
     assert ok and backup.endswith("-km1")
     (info,) = service.store.entries()
