@@ -95,6 +95,11 @@ def test_backups_on_schedule_everywhere_with_retention_commands_and_repair(lab: 
     human = kmagent(lab, others[1], "backup", "list")
     assert new in human.stdout and ",".join(sorted(names)) in human.stdout and "3 answered" in human.stdout
 
+    bad = kmagent(lab, others[1], "backup", "verify", "../../etc/passwd")
+    assert bad.returncode == 2 and "not a backup id" in bad.stderr, bad.stderr
+    shown = kmagent(lab, others[1], "status")
+    assert shown.returncode == 0 and "backups: newest " in shown.stdout, shown.stdout
+
     # verify: sha256, gzip, and a scratch restore that must hold the backup's commit
     verified = kmagent(lab, others[1], "backup", "verify", new)
     assert verified.returncode == 0, verified.stdout + verified.stderr
