@@ -424,7 +424,8 @@ class Actions:
     def _holdings(self, now: float) -> tuple[tuple[str, tuple[BackupInfo, ...]], ...]:
         """The intact copies each agent holds: our own store, and what fresh peer reports say."""
         timeout = self.cfg.timings.peer_timeout
-        held = [(self.cfg.name, tuple(self.agent().backup_store.entries()))]
+        backups = self.agent().backups
+        held = [(self.cfg.name, tuple(backups.store.entries()))] if backups is not None else []
         for name, link in self.coordinator.links.items():
             report = fresh_report(link.state, now, timeout)
             if report is not None and report.backups:

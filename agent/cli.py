@@ -128,6 +128,21 @@ def render_status(status: dict[str, Any]) -> str:
             lines.append(f"  {n['name']}: {n['reason']}")
         if n.get("error") and not n.get("self"):
             lines.append(f"  {n['name']}: {n['error']}")
+    backups = status.get("backups")
+    if backups:
+        lines.append("")
+        if backups.get("newest"):
+            lines.append(
+                f"backups: newest {backups['newest']} ({_age(backups['newest_age_seconds'])} old), "
+                f"{backups['copies']} held here"
+            )
+        else:
+            lines.append("backups: none held here")
+        failure = backups.get("last_failure")
+        if failure:
+            lines.append(f"  last backup failure {_utc(failure['at'])}: {failure['error']}")
+        for peer, error in sorted((backups.get("push_errors") or {}).items()):
+            lines.append(f"  copy to {peer} failed: {error}")
     local = status.get("local")
     if local and local.get("health") is not None:
         health, storage = local.get("health", {}), local.get("storage", {})
@@ -263,6 +278,132 @@ def cmd_restore(args: argparse.Namespace) -> int:
 def cmd_ack(args: argparse.Namespace) -> int:
     print(_call(args, "POST", "/v1/ack", body={"node": args.node})["message"])
     return EXIT_OK
+
+
+def _age(seconds: float) -> str:
+    from agent.core.classify import human_duration
+
+    return human_duration(max(0.0, seconds))
+
+
+def _utc(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(epoch))
+
+
+def _size(n: int) -> str:
+    value, unit = float(n), "B"
+    for bigger in ("KiB", "MiB", "GiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+def render_backups(catalogue: dict[str, Any]) -> str:
+    rows: list[tuple[str, ...]] = [("BACKUP", "TAKEN", "AGE", "COMMIT", "SIZE", "SOURCE", "HELD BY")]
+    for b in catalogue.get("backups", []):
+        held = ",".join(b["holders"])
+        if b.get("conflicting"):
+            held += f"  (DIFFERENT CONTENT on {','.join(b['conflicting'])})"
+        rows.append(
+            (
+                b["id"],
+                _utc(b["created"]),
+                _age(b["age_seconds"]),
+                str(b["commit"]),
+                _size(b["size"]),
+                b["source"],
+                held,
+            )
+        )
+    lines = _table(rows) if len(rows) > 1 else ["no backup is held by any agent that answered"]
+    asked = catalogue.get("asked", [])
+    unreachable = catalogue.get("unreachable", {})
+    lines.append("")
+    lines.append(f"asked {len(asked)} agents: {len(asked) - len(unreachable)} answered")
+    for name, error in sorted(unreachable.items()):
+        lines.append(f"  {name} did not answer: {error}")
+    return "\n".join(lines)
+
+
+def cmd_backup_now(args: argparse.Namespace) -> int:
+    from agent.io.control import ControlError
+
+    try:
+        answer = _call(args, "POST", "/v1/backup/now", timeout=120)
+    except ControlError as exc:
+        if exc.status == 409:
+            print(f"kmagent backup now: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        raise
+    print(f"backup {answer['backup']} taken; the anchor copies it to every agent")
+    return EXIT_OK
+
+
+def cmd_backup_list(args: argparse.Namespace) -> int:
+    catalogue = _call(args, "GET", "/v1/backups", timeout=60)
+    print(json.dumps(catalogue, indent=2, sort_keys=True) if args.json else render_backups(catalogue))
+    return EXIT_OK
+
+
+def cmd_backup_verify(args: argparse.Namespace) -> int:
+    from agent.io.control import ControlError
+
+    try:
+        answer = _call(args, "POST", "/v1/backup/verify", timeout=180, body={"backup": args.backup})
+    except ControlError as exc:
+        if exc.status == 400:
+            print(f"kmagent backup verify: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
+    if args.json:
+        print(json.dumps(answer, indent=2, sort_keys=True))
+    else:
+        for check in answer["checks"]:
+            mark = {True: "ok", False: "FAILED", None: "skipped"}[check["ok"]]
+            print(f"{check['check']}: {mark}: {check['detail']}")
+        print(f"backup {answer['backup']}: {'verified' if answer['ok'] else 'NOT verified'}")
+    return EXIT_OK if answer["ok"] else EXIT_FAILED
+
+
+BACKUP_EPILOG = """exit codes: 0 done / verified, 1 refused or failed (no anchor, minkms error, a damaged copy), 2 bad
+arguments, 3 the daemon is not running, 4 permission denied
+"""
+
+
+def _add_backup_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "backup",
+        help="take, list and verify backups (the anchor takes them; every agent keeps copies)",
+        description="Backups of minkms' key database: the anchor agent takes one every backup.interval and "
+        "copies it to every agent, which keep backup.keep copies in backup.dir.",
+        epilog=BACKUP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.set_defaults(func=lambda _args: p.print_help(sys.stderr) or EXIT_USAGE)
+    backup_sub = p.add_subparsers(metavar="{now,list,verify}")
+    s = backup_sub.add_parser(
+        "now",
+        help="take a backup now (on the anchor; asked from another host, it is forwarded to the anchor)",
+        epilog=BACKUP_EPILOG,
+    )
+    s.set_defaults(func=cmd_backup_now)
+    s = backup_sub.add_parser(
+        "list",
+        help="every backup across the cluster: time, age, commit, size, source, which agents hold a copy",
+        epilog=BACKUP_EPILOG,
+    )
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_backup_list)
+    s = backup_sub.add_parser(
+        "verify",
+        help="check this host's copy of a backup (sha256, gzip) and restore it into a scratch minkms when "
+        "backup.scratch_server is set; a damaged copy is moved to backup.dir/corrupt/",
+        epilog=BACKUP_EPILOG,
+    )
+    s.add_argument("backup", metavar="ID", help="the backup id (see kmagent backup list)")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_backup_verify)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -526,6 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_version)
 
+    _add_backup_parser(sub)
     _add_pki_parser(sub)
     _add_preflight_parser(sub)
     return p

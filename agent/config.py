@@ -154,6 +154,11 @@ class BackupConfig:
     interval: float = 3600.0
     keep: int = 48
     dir: Path = Path("/var/lib/kmagent/backups")
+    # `kmagent backup verify` restores a copy into a throwaway minkms started with this argv ({dir}: a fresh
+    # temp dir, {address}: 127.0.0.1:<free port>); () skips that check. It runs with the variables of
+    # scratch_env_file (KEY=VALUE lines: the node's HSM key), since a backup opens only with the same HSM key.
+    scratch_server: tuple[str, ...] = ()
+    scratch_env_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -449,6 +454,19 @@ def _name(value: object) -> str:
     return text
 
 
+def _scratch_command(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"expected a non-empty array of strings (an argv), got {_describe(value)}")
+    argv = tuple(_string(item) for item in value)
+    if not os.path.isabs(argv[0]):
+        raise ValueError(f"the program must be an absolute path (got {_show(argv[0])})")
+    if any("\0" in a for a in argv):
+        raise ValueError("an argument contains a NUL byte")
+    if not any("{address}" in a for a in argv):
+        raise ValueError("no argument holds {address}: the scratch server must listen where kmagent looks")
+    return argv
+
+
 def _abspath(value: object) -> Path:
     text = _string(value)
     if "\0" in text or not os.path.isabs(text):
@@ -690,7 +708,13 @@ _PARSERS: dict[str, dict[str, _Parser]] = {
         "auto_restore": _bool,
         "quarantine_keep": parse_duration,
     },
-    "backup": {"interval": parse_duration, "keep": _integer(1), "dir": _abspath},
+    "backup": {
+        "interval": parse_duration,
+        "keep": _integer(1),
+        "dir": _abspath,
+        "scratch_server": _scratch_command,
+        "scratch_env_file": _abspath,
+    },
     "state": {"dir": _abspath},
     "control": {"socket": _abspath, "group": _group_name},
     "metrics": {"address": _hostport_or_empty},
@@ -1017,6 +1041,11 @@ def _check_files(v: _Validator, s: Mapping[str, dict[str, Any]], me: AgentSpec |
         v.check_file("minkms.ca", minkms["ca"], directory_ok=True)
     if me is not None and me.role == "member" and "minkms.cli" not in v.bad:
         v.check_file("minkms.cli", minkms["cli"], executable=True)
+    backup = s["backup"]
+    if backup["scratch_env_file"] is not None:
+        v.check_secret("backup.scratch_env_file", backup["scratch_env_file"])
+    if backup["scratch_server"] and "backup.scratch_server" not in v.bad:
+        v.check_file("backup.scratch_server", Path(backup["scratch_server"][0]), executable=True)
 
 
 def read_secret(path: Path, key: str = "") -> str:

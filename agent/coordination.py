@@ -22,6 +22,7 @@ from aiohttp import web
 from agent import __version__
 from agent.config import AgentSpec, Config
 from agent.core import wire
+from agent.core.backups import BackupInfo
 from agent.core.classify import Tracked, held_for, track
 from agent.core.election import Ballot, Election, ElectionTimings, ElectionView, refusal
 from agent.core.messages import Action, NodeReport, Report, RestoreApproval, VoteReply, VoteRequest
@@ -182,6 +183,8 @@ class Coordinator:
         self.pause = load_pause(self.pause_path)
         self.approval_path = Path(cfg.state.dir) / "restore-approval.json"
         self.approval = load_approval(self.approval_path)
+        # the backup copies this agent holds intact, for its reports (set by the daemon's backup service)
+        self.held_backups: Callable[[], tuple[BackupInfo, ...]] = tuple
 
     def routes(self) -> list[Route]:
         return [(REPORT_PATH, Report, self.on_report), (VOTE_PATH, VoteRequest, self.on_vote)]
@@ -277,6 +280,7 @@ class Coordinator:
             paused_until=self.pause.until,
             pause_reason=self.pause.reason,
             restore=self.approval,
+            backups=self.held_backups(),
         )
 
     def _unfinished(self) -> Action | None:

@@ -22,6 +22,7 @@ from aiohttp import web
 
 from agent import __version__, failpoints
 from agent.actions import Actions
+from agent.backups import BackupService
 from agent.config import Config, ConfigError, load_config, read_secret, split_hostport
 from agent.coordination import Coordinator
 from agent.core import wire
@@ -46,6 +47,7 @@ from agent.core.model import (
     ServiceObs,
 )
 from agent.io import logs
+from agent.io.backups import BackupStore
 from agent.io.control import Access, ControlServer, json_response
 from agent.io.metrics import Metric, MetricsServer
 from agent.io.minkms import Minkms, MinkmsSettings
@@ -104,6 +106,14 @@ class Agent:
         self.restart_samples: tuple[tuple[float, int], ...] = ()
         self.rounds = 0
         self.round_seconds = 0.0
+        self.backups: BackupService | None = None  # set by the daemon
+
+    @property
+    def backup_store(self) -> BackupStore:
+        """The copies this host holds (RESTORE fetches and restores from it)."""
+        if self.backups is None:
+            raise RuntimeError("the backup service is not running")
+        return self.backups.store
 
     @property
     def my_host(self) -> str:
@@ -216,15 +226,16 @@ class Agent:
         election = self.coordinator.election
         anchor = election.anchor_hint(now)
         lead = f"; anchor {anchor}, term {election.term}" if anchor else f"; no anchor (term {election.term})"
+        backup = f"; {self.backups.summary()}" if self.backups is not None else ""
         if self.cfg.is_witness:
-            return f"witness of cluster {self.cfg.cluster}{lead}"
+            return f"witness of cluster {self.cfg.cluster}{lead}{backup}"
         if self.tracked is None or self.observation is None:
             return "starting: no observation yet"
         t = self.tracked
         held = held_for(t, now)
         me = self.observation.minkms.node_by_host(self.my_host)
         where = f"; node {me.node_id}, {me.role}, commit {me.commit}" if me else ""
-        return f"{t.verdict.cls} for {human_duration(held)}: {t.verdict.reason}{where}{lead}"
+        return f"{t.verdict.cls} for {human_duration(held)}: {t.verdict.reason}{where}{lead}{backup}"
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -269,6 +280,7 @@ class Agent:
             "actions": self.coordinator.actions.status()
             if isinstance(self.coordinator.actions, Actions)
             else None,
+            "backups": self.backups.status() if self.backups is not None else None,
         }
 
     def metrics(self) -> list[Metric]:
@@ -335,6 +347,8 @@ class Agent:
                     ((labels, held_for(self.tracked, time.monotonic())),),
                 )
             )
+        if self.backups is not None:
+            metrics += self.backups.metrics()
         return metrics + self.coordinator.metrics(time.monotonic())
 
 
@@ -356,6 +370,7 @@ class Daemon:
         self.control: ControlServer | None = None
         self.metrics_server: MetricsServer | None = None
         self.peer_server: PeerServer | None = None
+        self.backups: BackupService | None = None
         self.stop_event = asyncio.Event()
         self.reload_lock = asyncio.Lock()
 
@@ -381,12 +396,13 @@ class Daemon:
             print(f"cannot create state.dir {cfg.state.dir}: {exc}", file=sys.stderr)
             return 1
         try:
+            self.backups = BackupService(cfg, lambda: self._current())
             self.agent = self._agent(cfg, self._coordinator(cfg))
-        except (OSError, ValueError, RuntimeError) as exc:  # TLS files, journal, state files
+        except (OSError, ValueError, RuntimeError) as exc:  # TLS files, journal, state files, backup dir
             log.error(logs.kv(event="start_failed", error=exc))
             print(f"kmagent: cannot start: {exc}", file=sys.stderr)
             return 1
-        self.peer_server = PeerServer(cfg, self._routes(self.agent))
+        self.peer_server = self._peer_server(cfg, self.agent)
         self.control = ControlServer(Path(cfg.control.socket), cfg.control.group)
         self.control.route("GET", "/v1/status", Access.READ, self._status)
         self.control.route("GET", "/v1/version", Access.READ, self._version)
@@ -398,6 +414,9 @@ class Daemon:
         self.control.route("POST", "/v1/pause", Access.ADMIN, self._pause)
         self.control.route("POST", "/v1/restore", Access.ADMIN, self._restore)
         self.control.route("POST", "/v1/resume", Access.ADMIN, self._resume)
+        self.control.route("POST", "/v1/backup/now", Access.ADMIN, self._backup_now)
+        self.control.route("GET", "/v1/backups", Access.READ, self._backup_list)
+        self.control.route("POST", "/v1/backup/verify", Access.ADMIN, self._backup_verify)
         try:
             await self.control.start()
             await self.peer_server.start()
@@ -425,6 +444,7 @@ class Daemon:
             asyncio.ensure_future(self._observe_forever()),
             asyncio.ensure_future(self._coordinate_forever()),
             asyncio.ensure_future(self._drive_forever()),
+            asyncio.ensure_future(self.backups.run_forever()),
         ]
         if self.notifier.watchdog_interval:
             tasks.append(
@@ -446,18 +466,28 @@ class Daemon:
             assert self.agent is not None
             return self.agent.minkms.probe_live(host)
 
-        return Coordinator(cfg, PeerClient(cfg), probe, time.monotonic())
+        coordinator = Coordinator(cfg, PeerClient(cfg), probe, time.monotonic())
+        if self.backups is not None:
+            coordinator.held_backups = self.backups.held
+        return coordinator
+
+    def _current(self) -> Agent:
+        assert self.agent is not None
+        return self.agent
 
     def _agent(self, cfg: Config, coordinator: Coordinator) -> Agent:
         agent = Agent(cfg, build_service(cfg), build_minkms(cfg), self.notifier, coordinator)
+        agent.backups = self.backups
         if coordinator.actions is None and not cfg.is_witness:
             coordinator.actions = Actions(cfg, coordinator, lambda: self.agent or agent)
         return agent
 
-    @staticmethod
-    def _routes(agent: Agent) -> list[Route]:
+    def _peer_server(self, cfg: Config, agent: Agent) -> PeerServer:
         actions = agent.coordinator.actions
-        return agent.coordinator.routes() + (actions.routes() if isinstance(actions, Actions) else [])
+        routes: list[Route] = agent.coordinator.routes()
+        routes += actions.routes() if isinstance(actions, Actions) else []
+        assert self.backups is not None
+        return PeerServer(cfg, routes + self.backups.routes(), streams=self.backups.streams())
 
     async def _close(self) -> None:
         if self.control:
@@ -469,6 +499,8 @@ class Daemon:
         if self.agent:
             await self.agent.minkms.close()
             await self.agent.coordinator.close()
+        if self.backups:
+            await self.backups.close()
 
     async def _observe_forever(self) -> None:
         while True:
@@ -536,7 +568,7 @@ class Daemon:
                     log.error(logs.kv(event="reload_rejected", errors=error))
                     self.notifier.ready(f"reload rejected, running config kept: {error}")
                     return [error]
-                server = PeerServer(cfg, self._routes(candidate))
+                server = self._peer_server(cfg, candidate)
                 await self.peer_server.stop()
                 try:
                     await server.start()
@@ -554,6 +586,11 @@ class Daemon:
                 if isinstance(coordinator.actions, Actions):
                     coordinator.actions.cfg = cfg
             await old.minkms.close()
+            assert self.backups is not None
+            try:
+                await self.backups.reconfigure(cfg)
+            except (OSError, ValueError) as exc:  # a new backup.dir that cannot be made: keep the old one
+                log.error(logs.kv(event="backup_dir_failed", path=cfg.backup.dir, error=exc))
             self.agent = self._agent(cfg, coordinator)
             self.agent.tracked, self.agent.restart_samples = old.tracked, old.restart_samples
             self.agent.started, self.agent.started_wall = old.started, old.started_wall
@@ -664,6 +701,24 @@ class Daemon:
         assert self.agent is not None
         self.agent.coordinator.resume(f"resumed on {self.agent.cfg.name}")
         return json_response({"ok": True})
+
+    async def _backup_now(self, request: web.Request) -> web.Response:
+        assert self.backups is not None
+        ok, detail = await self.backups.now()
+        return json_response({"backup": detail} if ok else {"error": detail}, 200 if ok else 409)
+
+    async def _backup_list(self, request: web.Request) -> web.Response:
+        assert self.backups is not None
+        return json_response(await self.backups.catalogue())
+
+    async def _backup_verify(self, request: web.Request) -> web.Response:
+        assert self.backups is not None
+        try:
+            body = await request.json()
+            backup = check_id(body["backup"] if isinstance(body.get("backup"), str) else "")
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            return json_response({"error": f"bad verify request: {exc}"}, 400)
+        return json_response(await self.backups.verify(backup))
 
     async def _reload(self, request: web.Request) -> web.Response:
         errors = await self.reload()

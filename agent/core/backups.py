@@ -47,8 +47,8 @@ class BackupInfo:
 
     def problems(self) -> list[str]:
         """What is wrong with an entry read from a peer or from disk ([] when nothing)."""
-        found = [] if _ID.match(self.id) else [f"backup id {self.id!r} is not <YYYYmmddTHHMMSSZ>-<agent>"]
-        if not _SHA256.match(self.sha256):
+        found = [] if _ID.fullmatch(self.id) else [f"backup id {self.id!r} is not <YYYYmmddTHHMMSSZ>-<agent>"]
+        if not _SHA256.fullmatch(self.sha256):
             found.append(f"sha256 of {self.id} is not 64 lowercase hex digits")
         if self.size <= 0:
             found.append(f"size of {self.id} must be positive, got {self.size}")
@@ -61,7 +61,7 @@ class BackupInfo:
 
 def check_id(backup: str) -> str:
     """`backup` when it is a well-formed id (it names files on disk); ValueError naming the problem otherwise."""
-    if not _ID.match(backup):
+    if not _ID.fullmatch(backup):  # not match: "$" would let a trailing newline through
         raise ValueError(
             f"{backup!r} is not a backup id (expected <YYYYmmddTHHMMSSZ>-<agent>, see `kmagent backup list`)"
         )

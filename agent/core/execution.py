@@ -16,7 +16,6 @@ from agent.core.model import NodeClass
 from agent.core.view import NodeView
 
 __all__ = [
-    "ask_progress",
     "FAILED",
     "FINISHED",
     "FINISH_STEP",
@@ -24,6 +23,7 @@ __all__ = [
     "REJOIN_CLASSES",
     "TargetDecision",
     "already_finished",
+    "ask_progress",
     "done_after",
     "evict_remove_refusal",
     "target_closes",

@@ -42,6 +42,8 @@ __all__ = [
     "PeerError",
     "PeerServer",
     "Route",
+    "StreamHandler",
+    "StreamRoute",
     "TLSSetupError",
     "client_context",
     "peer_name",
@@ -64,6 +66,13 @@ Handler = Callable[[str, Any], Awaitable[object]]
 """A route's handler: (the caller's agent name from its certificate, the decoded request) -> reply message."""
 Route = tuple[str, type[Any], Handler]
 """(path, request message class, handler); every route is a POST."""
+StreamHandler = Callable[[str, web.Request], Awaitable[web.StreamResponse]]
+"""A streaming route's handler: (the caller's agent name from its certificate, the request) -> response. It reads
+and writes the bodies itself (backup copies: too large for a message)."""
+StreamRoute = tuple[str, str, StreamHandler]
+"""(method, path, handler) of a streaming route; the same identity checks run before it as before any route."""
+STREAM_IDLE = 30.0
+"""Longest wait for the next chunk of a streamed body, both ways: a transfer may be long, but never stalled."""
 
 
 class PeerError(Exception):
@@ -150,6 +159,7 @@ class PeerServer:
         config: Config,
         routes: Iterable[Route],
         *,
+        streams: Iterable[StreamRoute] = (),
         max_body: int = MAX_BODY,
         request_timeout: float | None = None,
         keepalive_timeout: float | None = None,
@@ -163,6 +173,8 @@ class PeerServer:
             if not (isinstance(request_cls, type) and dataclasses.is_dataclass(request_cls)):
                 raise TypeError(f"route {path}: {request_cls!r} is not a message dataclass")
             self.app.router.add_post(path, self._endpoint(path, request_cls, handler))
+        for method, path, stream_handler in streams:
+            self.app.router.add_route(method, path, _stream_endpoint(stream_handler))
         self._runner: web.AppRunner | None = None
         self._site: _GuardedSite | None = None
         self._connections: dict[asyncio.BaseTransport, _Connection] = {}
@@ -278,6 +290,20 @@ class PeerServer:
             return web.Response(body=data, content_type="application/json")
 
         return endpoint
+
+
+def _stream_endpoint(handler: StreamHandler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def endpoint(request: web.Request) -> web.StreamResponse:
+        peer = _CALLER.get()
+        assert peer is not None  # the middleware set it, or the request never got here
+        return await handler(peer, request)
+
+    return endpoint
+
+
+def error_response(status: int, message: str, *, close: bool = False) -> web.Response:
+    """The peer API's JSON error, for streaming handlers (they build their own responses)."""
+    return _error(status, message, close=close)
 
 
 def _unread(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
@@ -477,17 +503,39 @@ class PeerClient:
     ) -> R:
         """POST `msg` to `peer` at `path` and decode the reply as `reply_cls`, all within `timeout` seconds
         (default: timings.peer_timeout); PeerError on any failure."""
+        body = wire.dumps(msg)  # a WireError here is our own bug: let it surface as such
+        limit = self.config.timings.peer_timeout if timeout is None else timeout
+        status, content_type, data = await self.call(
+            peer, path, lambda session, url: self._exchange(session, url, body), limit
+        )
+        if status != 200:
+            raise PeerError(peer.name, f"HTTP {status}: {_error_text(data)}", status=status)
+        if content_type != "application/json":
+            raise PeerError(peer.name, f"bad reply: Content-Type {content_type!r}, expected application/json")
+        try:
+            return wire.loads(reply_cls, data)
+        except wire.WireError as exc:
+            raise PeerError(peer.name, f"bad reply: {exc}") from None
+
+    async def call(
+        self,
+        peer: AgentSpec,
+        path: str,
+        exchange: Callable[[aiohttp.ClientSession, str], Awaitable[R]],
+        timeout: float | None,
+    ) -> R:
+        """Run `exchange(session, url)` against `peer` at `path` within `timeout` seconds (None: no overall limit,
+        for streamed transfers that bound each read instead); every connection failure becomes a PeerError.
+        The connection is checked to reach the agent named `peer` before a byte of the request is sent."""
         if not path.startswith("/"):
             raise ValueError(f"a peer API path starts with '/', got {path!r}")
-        limit = self.config.timings.peer_timeout if timeout is None else timeout
-        body = wire.dumps(msg)  # a WireError here is our own bug: let it surface as such
         url = f"https://{peer.address}{path}"
         token = _EXPECTED.set(peer.name)
         try:
-            async with asyncio.timeout(limit):
-                status, content_type, data = await self._exchange(url, body)
+            async with asyncio.timeout(timeout):
+                return await exchange(self._get_session(), url)
         except TimeoutError:
-            raise PeerError(peer.name, f"no reply from {peer.address} within {limit:g}s") from None
+            raise PeerError(peer.name, f"no reply from {peer.address} within {timeout:g}s") from None
         except _WrongPeer as exc:
             raise PeerError(peer.name, f"wrong server at {peer.address}: {exc}") from None
         except aiohttp.ClientConnectorCertificateError as exc:
@@ -510,29 +558,26 @@ class PeerClient:
             raise PeerError(peer.name, f"request to {peer.address} failed: {_reason(exc)}") from None
         finally:
             _EXPECTED.reset(token)
-        if status != 200:
-            raise PeerError(peer.name, f"HTTP {status}: {_error_text(data)}", status=status)
-        if content_type != "application/json":
-            raise PeerError(peer.name, f"bad reply: Content-Type {content_type!r}, expected application/json")
-        try:
-            return wire.loads(reply_cls, data)
-        except wire.WireError as exc:
-            raise PeerError(peer.name, f"bad reply: {exc}") from None
 
-    async def _exchange(self, url: str, body: bytes) -> tuple[int, str, bytes]:
-        session = self._get_session()
+    async def _exchange(
+        self, session: aiohttp.ClientSession, url: str, body: bytes
+    ) -> tuple[int, str, bytes]:
         headers = {"Content-Type": "application/json"}
         async with session.post(url, data=body, headers=headers, allow_redirects=False) as resp:
-            if resp.content_length is not None and resp.content_length > self.max_reply:
+            return resp.status, resp.content_type, await self.read_reply(resp)
+
+    async def read_reply(self, resp: aiohttp.ClientResponse) -> bytes:
+        """The body of a (small) reply, at most `max_reply` bytes."""
+        if resp.content_length is not None and resp.content_length > self.max_reply:
+            raise aiohttp.ClientPayloadError(f"reply larger than {self.max_reply} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in resp.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > self.max_reply:
                 raise aiohttp.ClientPayloadError(f"reply larger than {self.max_reply} bytes")
-            chunks: list[bytes] = []
-            size = 0
-            async for chunk in resp.content.iter_chunked(64 * 1024):
-                size += len(chunk)
-                if size > self.max_reply:
-                    raise aiohttp.ClientPayloadError(f"reply larger than {self.max_reply} bytes")
-                chunks.append(chunk)
-            return resp.status, resp.content_type, b"".join(chunks)
+            chunks.append(chunk)
+        return b"".join(chunks)
 
 
 def _reason(exc: BaseException) -> str:
@@ -543,6 +588,11 @@ def _reason(exc: BaseException) -> str:
     if isinstance(inner, OSError) and inner.errno:
         return os.strerror(inner.errno)  # asyncio's strerror is "Connect call failed (...)"
     return str(inner) or type(inner).__name__
+
+
+def error_text(data: bytes) -> str:
+    """The server's error message in a reply body (for callers of `PeerClient.call`)."""
+    return _error_text(data)
 
 
 def _error_text(data: bytes) -> str:

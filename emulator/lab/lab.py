@@ -196,6 +196,7 @@ class Lab:
         agents: bool = False,
         agent_timings: Mapping[str, str] | None = None,
         agent_policy: Mapping[str, str | int | bool] | None = None,
+        agent_backup: Mapping[str, str | int] | None = None,
     ) -> None:
         if n_nodes < 1 or n_nodes > 50:
             raise LabError("--nodes must be between 1 and 50")
@@ -238,6 +239,7 @@ class Lab:
             "agents": agents,
             "agent_timings": {**LAB_TIMINGS, **(agent_timings or {})},
             "agent_policy": dict(agent_policy or {}),
+            "agent_backup": dict(agent_backup or {}),
             "nodes": [asdict(n) for n in nodes],
         }
         self.meta_path.write_text(json.dumps(meta, indent=2) + "\n")
@@ -268,11 +270,20 @@ class Lab:
         policy = self.meta().get("agent_policy") or {}
         # [policy] only when asked for (e.g. actions_per_hour = 1 to see a node escalated): else the defaults
         policy_table = "".join(f"{k} = {_toml_value(v)}\n" for k, v in policy.items())
+        # [backup]: the defaults (1h, keep 48) unless asked for (e.g. interval = "5s", keep = 2 in the tests)
+        backup_table = "".join(
+            f"{k} = {_toml_value(v)}\n" for k, v in (self.meta().get("agent_backup") or {}).items()
+        )
         for node in nodes:
             base = Path(node.dir) / "agent"
             base.mkdir(parents=True, exist_ok=True)
             os.chmod(base, 0o700)
             cert, key = pki.issue(self.dir / "ca", base / "tls", node.name, ips=[node.ip], dns=[node.name])
+            # `kmagent backup verify` restores into a scratch emulator started like the node (same HSM key from
+            # scratch.env, the node's TLS certificate: kmagent talks to it with -k on 127.0.0.1)
+            _write_secret(base / "scratch.env", f"MINIO_KMS_HSM_KEY={self.hsm_key()}\n")
+            scratch = [sys.executable, "-m", "emulator", "server", "{dir}", "--address", "{address}"]
+            scratch += ["--host", "{address}", "--config", str(Path(node.dir) / "config.yaml")]
             text = (
                 f'cluster = "kmlab"\nname = "{node.name}"\n\n{agents}'
                 f'[local]\nstorage_path = "{node.data}"\nservice = "{node.name}"\nsupervisor = "{self.sock}"\n'
@@ -283,7 +294,9 @@ class Lab:
                 "[timings]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in timings.items()) + "\n"
                 f'[peer]\nsource = "{node.ip}"\n\n'
                 f'[state]\ndir = "{base / "state"}"\n\n'
-                f'[backup]\ndir = "{base / "backups"}"\n\n'
+                f'[backup]\ndir = "{base / "backups"}"\n{backup_table}'
+                f"scratch_server = {json.dumps(scratch)}\n"
+                f'scratch_env_file = "{base / "scratch.env"}"\n\n'
                 f'[control]\nsocket = "{self.agent_socket(node)}"\n\n'
                 f'[metrics]\naddress = "{node.ip}:9464"\n'
             )
@@ -390,6 +403,7 @@ class Lab:
         prepare: Callable[[Lab], None] | None = None,
         agent_timings: Mapping[str, str] | None = None,
         agent_policy: Mapping[str, str | int | bool] | None = None,
+        agent_backup: Mapping[str, str | int] | None = None,
     ) -> None:
         """Create (or resume) the lab and return once the cluster is formed.
 
@@ -399,7 +413,12 @@ class Lab:
         fresh = not self.exists()
         if fresh:
             self.create(
-                n_nodes, heartbeat, agents=agents, agent_timings=agent_timings, agent_policy=agent_policy
+                n_nodes,
+                heartbeat,
+                agents=agents,
+                agent_timings=agent_timings,
+                agent_policy=agent_policy,
+                agent_backup=agent_backup,
             )
             if prepare is not None:
                 prepare(self)

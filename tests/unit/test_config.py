@@ -1032,3 +1032,31 @@ def test_check_config_main_default_path_from_env(
     if not Path("/etc/kmagent/kmagent.toml").exists():
         assert check_config_main(None) == 1
         assert capsys.readouterr().err == "cannot read /etc/kmagent/kmagent.toml: No such file or directory\n"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ('"minkms server"', "expected a non-empty array of strings"),
+        ("[]", "expected a non-empty array of strings"),
+        ('["minkms", "server", "{dir}", "--address", "{address}"]', "the program must be an absolute path"),
+        ('["/usr/local/bin/minkms", "server", "{dir}"]', "no argument holds {address}"),
+        ('["/usr/local/bin/minkms", 7, "{address}"]', "expected a string"),
+    ],
+)
+def test_backup_scratch_server_is_an_argv_with_the_address(tmp_path: Path, value: str, message: str) -> None:
+    text = cluster_text(("km1", "member"), ("km2", "member"), ("km3", "member"))
+    text += f"\n[backup]\nscratch_server = {value}\n"
+    (error,) = errors_of(tmp_path, text)
+    assert error.key == "backup.scratch_server" and message in error.message
+    assert error.line == line_of(text, "scratch_server =")
+
+
+def test_backup_scratch_server_parsed(tmp_path: Path) -> None:
+    text = cluster_text(("km1", "member"), ("km2", "member"), ("km3", "member"))
+    text += '\n[backup]\nscratch_server = ["/bin/m", "server", "{dir}", "--address", "{address}"]\n'
+    text += 'scratch_env_file = "/etc/default/minkms"\n'
+    cfg = load_text(tmp_path, text)
+    assert cfg.backup.scratch_server == ("/bin/m", "server", "{dir}", "--address", "{address}")
+    assert cfg.backup.scratch_env_file == Path("/etc/default/minkms")
+    assert load_text(tmp_path, cluster_text(("km1", "member"), ("km2", "member"))).backup.scratch_server == ()
