@@ -708,16 +708,13 @@ class Actions:
         host = target.minkms_host
         timeout = _step(action.kind, step_name).timeout
         if step_name == "remove":
-            view = next((v for v in self.coordinator.views if v.name == action.target), None)
-            refusal = execution.evict_remove_refusal(
-                action, view.verdict.cls if view is not None and view.verdict is not None else None
-            )
-            if refusal is not None:
-                raise StepFailed(refusal)
             members = await _membership(agent)
             ids = [nid for nid, h in members.items() if h == host]
-            if not ids:
-                return f"{host} is not a member: nothing to remove"
+            view = next((v for v in self.coordinator.views if v.name == action.target), None)
+            cls = view.verdict.cls if view is not None and view.verdict is not None else None
+            nothing = check_remove(action, host, ids, cls)
+            if nothing is not None:
+                return nothing
             result = await agent.minkms.edit_remove(agent.my_host, ids)
             if not result.ok:
                 raise StepFailed(f"minkms edit --rm {ids}: {result.error}")
@@ -898,6 +895,23 @@ class _InHistory:
 
     def __contains__(self, action_id: object) -> bool:
         return isinstance(action_id, str) and self.history.find(action_id) is not None
+
+
+def check_remove(action: Action, host: str, ids: list[int], cls: NodeClass | None) -> str | None:
+    """Before the anchor's `minkms edit --rm ids`: the step's detail when there is nothing to remove (None: run
+    it), StepFailed when it must not run.
+
+    Membership comes first. A host already out was removed, by this action before a crash left the step's outcome
+    in doubt, or otherwise: the remove is done whatever the target's class is now. A node back from a cut is
+    EVICTED by then, and refusing would record an eviction that did happen as aborted. Only a removal still to
+    run needs the EVICT's target to be failed still (a resumed EVICT must never remove a node that came back).
+    """
+    if not ids:
+        return f"{host} is not a member: nothing to remove"
+    refusal = execution.evict_remove_refusal(action, cls)
+    if refusal is not None:
+        raise StepFailed(refusal)
+    return None
 
 
 def _plain(value: Any) -> Any:

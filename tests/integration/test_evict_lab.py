@@ -10,8 +10,6 @@ the other nodes' addresses.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import socket
 import threading
 import time
@@ -29,20 +27,10 @@ from emulator.lab import cli as kmlab
 from emulator.lab.lab import Lab, LabError, LabNode, wait_for
 from emulator.lab.workload import create_keys, verify_keys
 from emulator.server import _source_address
+from tests.integration.crashlab import cannot_isolate, needs_nft
 
 EVICT_AFTER = 30.0  # the config floor; the lab's agents get exactly this
 FORBIDDEN_WHILE_CUT = ("event=ack_given", "event=step_started", "event=proposed", "event=certified")
-
-
-def _cannot_isolate() -> str | None:
-    if os.geteuid() != 0:
-        return "isolating a node needs root (nftables rules on the lab's loopback addresses)"
-    if shutil.which("nft") is None:
-        return "isolating a node needs the nft command (apt-get install nftables)"
-    return None
-
-
-needs_nft = pytest.mark.skipif(_cannot_isolate() is not None, reason=_cannot_isolate() or "")
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------
@@ -131,8 +119,8 @@ def read_bytes(path: Path) -> bytes:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    if _cannot_isolate():
-        pytest.skip(_cannot_isolate() or "")
+    if cannot_isolate():
+        pytest.skip(cannot_isolate() or "")
     lab = Lab(tmp_path_factory.mktemp("evict") / "lab")
     try:
         lab.up(

@@ -532,6 +532,8 @@ class SimAgent:
     def run_anchor_step(self, action: Action, step: str) -> str:
         world = self.sim.world
         if step == "remove":
+            if action.target not in world.members:  # membership first, as agent/actions.py's check_remove
+                return world.remove(self.name, action.target)
             view = next((v for v in self.views if v.name == action.target), None)
             refusal = execution.evict_remove_refusal(
                 action, view.verdict.cls if view is not None and view.verdict is not None else None
