@@ -961,11 +961,12 @@ async def _is_member(agent: Agent, host: str, wanted: bool) -> bool:
 
 
 async def _until(timeout: float, check: Callable[[], Awaitable[Any]], what: str) -> Any:
-    """Poll `check` until it returns something truthy, within `timeout`; StepFailed naming `what` otherwise."""
+    """Poll `check` until it returns something other than None or False (a node id may be 0: the first node of a
+    cluster), within `timeout`; StepFailed naming `what` otherwise."""
     deadline = time.monotonic() + timeout
     while True:
         result = await check()
-        if result:
+        if result is not None and result is not False:
             return result
         if time.monotonic() >= deadline:
             raise StepFailed(f"timed out after {timeout:g}s waiting for {what}")

@@ -28,6 +28,7 @@ __all__ = [
     "active_approval",
     "advice",
     "called_for",
+    "needed",
     "choice",
     "command",
     "problem",
@@ -41,10 +42,15 @@ APPROVAL_VALIDITY = 3600.0  # an approval is for the situation `explain` showed,
 _SERVING = (NodeClass.HEALTHY, NodeClass.DEGRADED)
 
 
+def needed(facts: ClusterFacts) -> bool:
+    """No node serves, and some node's state is lost: only a restore (or a host's return) can end it."""
+    nodes = [n.verdict.cls for n in facts.nodes if n.verdict is not None]
+    return not any(c in _SERVING for c in nodes) and NodeClass.STATE_LOST in nodes
+
+
 def called_for(facts: ClusterFacts) -> bool:
-    """No node serves, and the anchor's own node is one whose state is lost (it is where a restore runs)."""
-    nodes = [n for n in facts.nodes if n.verdict is not None]
-    if not nodes or any(n.verdict is not None and n.verdict.cls in _SERVING for n in nodes):
+    """A restore is needed, and the anchor's own node is one whose state is lost (it is where a restore runs)."""
+    if not needed(facts):
         return False
     anchor = facts.node(facts.anchor) if facts.anchor is not None else None
     return anchor is not None and anchor.verdict is not None and anchor.verdict.cls is NodeClass.STATE_LOST
@@ -170,8 +176,8 @@ def command(facts: ClusterFacts) -> str:
 
 def advice(facts: ClusterFacts) -> str | None:
     """One paragraph for `status` and `explain` while a restore is called for: from which backup, what it loses,
-    and the command (None when no restore is called for)."""
-    if not called_for(facts):
+    and the command (None when no restore is needed)."""
+    if not needed(facts):
         return None
     chosen = choice(facts)
     if chosen.backup is None:
