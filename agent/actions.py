@@ -568,7 +568,7 @@ class Actions:
 
         await asyncio.gather(*(ask(a.name) for a in self.cfg.peers if a.name not in d.collector.signers))
         d.certificate = d.collector.certificate()
-        adopt = execution.to_adopt(d.fresh, d.certificate is not None, holding)
+        adopt = execution.to_adopt(d.fresh, d.certificate is not None, holding, _InHistory(self.history))
         if adopt is not None:
             self._adopt(d, adopt)
             return

@@ -193,15 +193,21 @@ def writes_wait_for(action: Action, views: Iterable[NodeView]) -> tuple[str, ...
     )
 
 
-def to_adopt(fresh: bool, certified: bool, holding: Mapping[str, Action]) -> Action | None:
+def to_adopt(
+    fresh: bool, certified: bool, holding: Mapping[str, Action], finished: Container[str] = ()
+) -> Action | None:
     """The held action a new anchor adopts instead of its own uncertified proposal, or None.
 
     Only a fresh proposal (nothing was unfinished in its view) is dropped: peers that refuse it because they
     hold a different unfinished action may hold a certified, half-done one, which comes first (DESIGN §4.4);
-    nobody else acked the fresh proposal and only this anchor collects its acks, so dropping it is safe."""
-    if not fresh or certified or not holding:
+    nobody else acked the fresh proposal and only this anchor collects its acks, so dropping it is safe.
+    Never one in `finished` (this anchor's history): a refuser that missed its end still holds it, and
+    adopting it would hold it again here for ever (found by the simulator: an anchor re-adopted the EVICT it
+    had just closed, and nothing moved again; the refuser releases it from the reports' finished ids)."""
+    if not fresh or certified:
         return None
-    return sorted(holding.items())[0][1]
+    unfinished = sorted((name, a) for name, a in holding.items() if a.id not in finished)
+    return unfinished[0][1] if unfinished else None
 
 
 def target_closes(action: Action | None, me: str, done: Sequence[str]) -> bool:

@@ -9,7 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.config import Policy, Timings
+from agent.config import Timings
+from agent.core.backups import BackupInfo
 from agent.core.election import Election, ElectionTimings
 from agent.core.messages import Ack, StepReply, VoteRequest
 
@@ -23,6 +24,9 @@ BROKEN_RULES = (
     "no-pause",  # guards without rule paused
     "no-one-removed",  # guards without rule one-removed
     "rerun-anchor-steps",  # a resuming anchor that re-runs anchor steps the target's progress shows done
+    "no-restore-guard",  # guards without rule restore (guard rail 5)
+    "oldest-backup",  # a restore that picks the oldest intact backup instead of the freshest
+    "no-fetch-check",  # a RESTORE's fetch that uses its local copy without checking its sha256
 )
 """Deliberately broken variants, for tests that prove the checker catches each kind of violation."""
 
@@ -60,6 +64,10 @@ class SimConfig:
     persist_fail: float = 0.02  # an fsync fails (the agent must then refuse / not stand)
     step_fail: float = 0.05  # a step fails although its precondition holds (faults phase only)
     step_crash: float = 0.04  # the agent running a step crashes right after its intent / its effect
+    restore_after: float = 20.0  # every node STATE_LOST this long before an automatic restore
+    total_loss: float = 0.3  # share of seeds in which every node loses its state once (RESTORE)
+    backup_every: float = 10.0  # a HEALTHY anchor takes a backup this often (real seconds)
+    write_every: float = 1.0  # a client write commits this often while the cluster takes writes
     broken: str | None = None
     liveness: bool = True  # False: stop quietly at the heal deadline (safety-only sweeps)
 
@@ -88,11 +96,8 @@ class SimConfig:
             state_lost_after=self.state_lost_after,
             evict_after=self.evict_after,
             cooldown=self.cooldown,
+            restore_after=self.restore_after,
         )
-
-    @functools.cached_property
-    def policy(self) -> Policy:
-        return Policy(actions_per_hour=self.budget, min_members=self.min_members)
 
     def replay(self) -> str:
         cmd = f"python -m tests.sim --seed {self.seed} --agents {self.agents} --witnesses {self.witnesses}"
@@ -115,6 +120,18 @@ def liveness_bound(cfg: SimConfig) -> float:
     stretch = 1 / (1 - cfg.drift)
     local = 2 * t.lease + t.backoff_max + 2 * t.renew_every + cfg.peer_timeout + 2 * cfg.probe
     return local * stretch + 4 * cfg.delay[1]
+
+
+def restore_bound(cfg: SimConfig) -> float:
+    """Real seconds, once an anchor holds the lease, within which an armed total-failure RESTORE must be done.
+
+    Every node must be seen STATE_LOST for restore_after (an approval waives it) after a report reaches the
+    anchor (peer_timeout), a cooldown from the target's last action may still run, then a proposal, the acks
+    (a probe period) and the seven steps, all on the anchor itself and so in one round, unless a crash or a
+    lost lease interrupts them (a lease and a back-off, and a few probe periods to resume)."""
+    t = cfg.timings
+    local = cfg.restore_after + cfg.peer_timeout + cfg.cooldown + 10 * cfg.probe
+    return (local + t.lease + t.backoff_max) / (1 - cfg.drift)
 
 
 def heal_bound(cfg: SimConfig) -> float:
@@ -157,6 +174,7 @@ ELECTIONS: dict[str, type[Election]] = {
     "no-margin": NoMarginElection,
 }
 GUARDS_REMOVED = {
+    "no-restore-guard": "restore",
     "no-min-members": "min-members",
     "no-cooldown": "cooldown",
     "no-pause": "paused",
@@ -165,6 +183,14 @@ GUARDS_REMOVED = {
 
 
 # -- sim-only messages: what the daemon's HTTP exchanges carry implicitly ---------------------------------------
+
+
+@dataclass(frozen=True)
+class BackupCopy:
+    """The anchor pushes each backup it takes to every agent (the daemon's copy, sha256 checked on arrival)."""
+
+    info: BackupInfo
+    intact: bool = True
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,12 @@ from typing import TYPE_CHECKING
 
 from agent.core import playbooks
 from agent.core.agreement import certificate_problems
+from agent.core.backups import BackupInfo
 from agent.core.election import Ballot, quorum
 from agent.core.facts import ClusterFacts
-from agent.core.messages import Action, Certificate, VoteReply, VoteRequest
+from agent.core.messages import Action, Certificate, RestoreApproval, VoteReply, VoteRequest
 from agent.core.model import NodeClass
+from agent.core.restore import APPROVAL_VALIDITY
 from tests.sim.base import CLUSTER, sim_verify
 from tests.sim.world import STATE
 
@@ -42,6 +44,9 @@ class Checker:
         self.started: dict[
             str, list[float]
         ] = {}  # target -> real times its actions were certified (not resumed)
+        self.approvals: list[tuple[RestoreApproval, float]] = []  # every operator approval, when given (real)
+        self.restore_certs: list[tuple[str, float]] = []  # RESTORE ids, when first certified (real)
+        self.restores = 0  # restores that took effect (a node got a backup's state)
 
     def fail(self, what: str) -> None:
         raise Violation(f"t={self.sim.t:.3f}: {what}")
@@ -94,12 +99,15 @@ class Checker:
         self._paused(agent, "acked", action, facts)
         if action.kind not in playbooks.TABLES:
             self.fail(f"rule 5: {agent.name} acked {action.kind}, which the simulation does not model")
-        if action.target == facts.anchor:
+        restoring = action.kind == "RESTORE"  # runs on the anchor, when no node is HEALTHY (rule 5 below)
+        if action.target == facts.anchor and not restoring:
             self.fail(f"rule 3: {agent.name} acked {action.kind} of the anchor {action.target}")
         if resume:
             return  # a resume is licensed by the certificate it continues (see agent.core.guards)
         members = [n for n in facts.nodes if n.is_member and n.verdict is not None]
-        if not any(n.name != action.target and n.verdict.cls is NodeClass.HEALTHY for n in members):  # type: ignore[union-attr]
+        if not restoring and not any(
+            n.name != action.target and n.verdict.cls is NodeClass.HEALTHY for n in members
+        ):  # type: ignore[union-attr]
             self.fail(f"rule 3: {agent.name} acked {action.kind} {action.target}, the last HEALTHY member")
         target = facts.node(action.target)
         dead = (
@@ -146,8 +154,10 @@ class Checker:
     def certified(self, anchor: SimAgent, cert: Certificate, resume: bool) -> None:
         if problems := self._valid(cert):
             self.fail(f"invalid certificate formed for {cert.action.id}: {problems}")
-        if cert.action.target == anchor.name:
+        if cert.action.target == anchor.name and cert.action.kind != "RESTORE":
             self.fail(f"rule 3: {anchor.name} certified {cert.action.kind} of itself, the anchor")
+        if cert.action.kind == "RESTORE" and cert.action.id not in self.certs:
+            self._restore_certified(cert.action)
         others = [i for i in self.certs if i != cert.action.id and i not in self.done]
         if others:
             self.fail(
@@ -192,6 +202,75 @@ class Checker:
                 self.fail(
                     f"rule 3: EVICT {action.target} leaves {left} members (min_members {self.sim.cfg.min_members})"
                 )
+
+    # -- RESTORE (rule 5), from the world's truth and the operator's record ---------------------------------
+
+    def approved(self, approval: RestoreApproval, t: float) -> None:
+        self.approvals.append((approval, t))
+
+    def unused_approval(self, t: float) -> RestoreApproval | None:
+        """The operator's latest approval while it has not expired and no RESTORE was certified since."""
+        if not self.approvals:
+            return None
+        approval, given = self.approvals[-1]
+        if t - given >= APPROVAL_VALIDITY or any(at >= given for _, at in self.restore_certs):
+            return None
+        return approval
+
+    def _restore_certified(self, action: Action) -> None:
+        """At a RESTORE's first certification (a resume of one never certified too): armed, by the policy or an
+        approval not used before; an automatic one with every node's state lost for restore_after (real time,
+        less the clock drift); no node holding state but those the approval accepts the loss of; and the
+        backup no older than the freshest intact copy any live agent holds."""
+        sim, t = self.sim, self.sim.t
+        params = dict(action.params)
+        by = params.get("requested_by")
+        given = next(((a, at) for a, at in reversed(self.approvals) if a.by == by), None)
+        self._no_state_held(action.id, action.target, given[0].accept_loss_of if given else ())
+        if by is None:
+            if not sim.policy.auto_restore:
+                self.fail(f"rule 5: {action.id} certified unarmed (no auto_restore, no operator approval)")
+            needed = sim.cfg.restore_after / (1 + sim.cfg.drift)
+            for name in sim.cfg.node_names:
+                lost = sim.world.nodes[name].lost_at
+                if lost is None or t - lost < needed:
+                    since = "holds state" if lost is None else f"lost {t - lost:.1f}s ago"
+                    self.fail(f"rule 5: automatic {action.id} certified while {name} {since} (restore_after)")
+        elif given is None:
+            self.fail(f"rule 5: {action.id} names an approval by {by!r} that no operator gave")
+        elif t - given[1] >= APPROVAL_VALIDITY or any(c >= given[1] for _, c in self.restore_certs):
+            self.fail(f"rule 5: {action.id} certified on an approval that expired or was used already")
+        self.restore_certs.append((action.id, t))
+        fresh = self._freshest_intact()  # same commit, same state: which of two such backups does not matter
+        if fresh is not None and int(params.get("commit", "-1")) < fresh.commit:
+            self.fail(
+                f"rule 5: {action.id} restores {params.get('backup')} (commit {params.get('commit')}) while "
+                f"{fresh.id} (commit {fresh.commit}) is held intact by a live agent"
+            )
+
+    def _no_state_held(self, what: str, target: str, accepted: tuple[str, ...]) -> None:
+        world = self.sim.world
+        holding = [n for n in world.nodes if world.holds_state(n) and n not in accepted]
+        if holding:
+            self.fail(f"rule 5: {what} on {target} while {', '.join(holding)} holds the cluster's state")
+
+    def _freshest_intact(self) -> BackupInfo | None:
+        held = [
+            c.info for a in self.sim.agents.values() if a.alive for c in a.disk.backups.values() if c.intact
+        ]
+        return max(held, key=lambda b: b.commit, default=None)
+
+    def restore_effect(self, target: str, backup: BackupInfo, intact: bool) -> None:
+        """Just before a node gets a backup's state: from an intact copy, no node holding state, and once."""
+        if not intact:
+            self.fail(f"rule 5: {target} restores {backup.id} from a corrupt copy")
+        approval = next((a for a, _ in reversed(self.approvals)), None)
+        self._no_state_held(
+            f"the restore of {backup.id}", target, approval.accept_loss_of if approval else ()
+        )
+        self.restores += 1
+        if self.restores > self.sim.stats["total_losses"]:
+            self.fail(f"rule 5: {target} restores {backup.id}: a second restore for one total loss")
 
     def step_done(self, cert: Certificate, step: playbooks.Step) -> None:
         """A step's outcome was journaled done: from now on no earlier step of its action may run."""

@@ -24,9 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from agent.core import execution, guards, planner, playbooks
+from agent.core import backups, execution, guards, planner, playbooks
 from agent.core import facts as cf
 from agent.core.agreement import AckCollector, Held, answer_ack, certificate_problems, release
+from agent.core.backups import BackupInfo
 from agent.core.classify import Tracked, held_for, track
 from agent.core.election import Ballot, Election, ElectionView, quorum, refusal
 from agent.core.execution import FINISH_STEP, RECENT_FINISHED
@@ -37,6 +38,7 @@ from agent.core.messages import (
     Certificate,
     NodeReport,
     Report,
+    RestoreApproval,
     StepReply,
     StepRequest,
     VoteReply,
@@ -55,6 +57,7 @@ from tests.sim.base import (
     CLUSTER,
     ELECTIONS,
     STEP_WAIT,
+    BackupCopy,
     StepAnswer,
     sim_sign,
     sim_verify,
@@ -93,6 +96,19 @@ class Share:
 
 
 @dataclass
+class Copy:
+    """A backup file in the agent's backup directory: `intact` is false once its bytes rotted (the catalogue
+    entry, and so the report, still lists it: only a check of its sha256 tells)."""
+
+    info: BackupInfo
+    intact: bool = True
+
+
+KEEP_BACKUPS = 4
+"""Copies each agent keeps (retention drops the older ones, never the freshest)."""
+
+
+@dataclass
 class Disk:
     """What an agent fsynced: survives crashes."""
 
@@ -105,6 +121,8 @@ class Disk:
     pause_epoch: int = 0
     paused_until: float = 0.0
     max_cert_term: int = 0
+    backups: dict[str, Copy] = field(default_factory=dict)  # backup id -> copy (on the host's disk)
+    approval: RestoreApproval | None = None  # the newest operator restore approval known (persisted)
 
 
 @dataclass
@@ -246,11 +264,23 @@ class SimAgent:
             escalated=frozenset(d.escalated),
             acked=tuple(sorted(d.acks.items())),
             paused_until=d.paused_until if wall < d.paused_until else 0.0,
+            backups=self.holdings(now),
+            approval=d.approval,
             now=now,
             wall_now=wall,
             timings=cfg.agent_timings,
-            policy=cfg.policy,
+            policy=self.sim.policy,
         )
+
+    def reported_backups(self) -> tuple[BackupInfo, ...]:
+        """The newest copies this agent holds (as its catalogue lists them: a rotted one too)."""
+        return tuple(backups.newest_first(c.info for c in self.disk.backups.values())[: backups.REPORTED])
+
+    def holdings(self, now: float) -> tuple[tuple[str, tuple[BackupInfo, ...]], ...]:
+        """agent/actions.py's _holdings: our own copies, and what fresh peer reports say."""
+        held = [(self.name, self.reported_backups())]
+        held += [(r.sender, r.backups) for r in self.fresh_reports(now) if r.backups]
+        return tuple(held)
 
     def unfinished(self) -> Action | None:
         d = self.disk
@@ -319,6 +349,8 @@ class SimAgent:
             pause_epoch=d.pause_epoch,
             paused_until=d.paused_until,
             finished=self.finished_ids(),
+            backups=self.reported_backups(),
+            restore=d.approval,
         )
         self.broadcast(report)
 
@@ -342,6 +374,11 @@ class SimAgent:
             self.on_peer_finished(msg.finished)
             if msg.pause_epoch > self.disk.pause_epoch:
                 self.disk.pause_epoch, self.disk.paused_until = msg.pause_epoch, msg.paused_until
+            mine = self.disk.approval
+            if msg.restore is not None and msg.restore.epoch > (mine.epoch if mine else 0):
+                self.disk.approval = msg.restore  # newest epoch wins, as agent/coordination.py does
+        elif isinstance(msg, BackupCopy):
+            self.keep_copy(msg.info, msg.intact)
         elif isinstance(msg, VoteRequest):
             self.on_vote_request(msg, now)
         elif isinstance(msg, VoteReply):
@@ -357,6 +394,14 @@ class SimAgent:
             self.on_step_answer(msg, now)
         elif isinstance(msg, Share):
             self.on_share(msg.entry)
+
+    def keep_copy(self, info: BackupInfo, intact: bool) -> None:
+        """A pushed copy, checked on arrival (a damaged transfer is not kept), then retention."""
+        if not intact or info.id in self.disk.backups:
+            return
+        self.disk.backups[info.id] = Copy(info)
+        for old in backups.to_drop([c.info for c in self.disk.backups.values()], KEEP_BACKUPS):
+            del self.disk.backups[old.id]
 
     def on_vote_request(self, req: VoteRequest, now: float) -> None:
         eligible = req.candidate in electable(self.views, unfinished=self.unfinished())
@@ -426,7 +471,8 @@ class SimAgent:
     def certify(self, d: Drive, now: float) -> None:
         """agent/actions.py's _certify, one round: the replies of the last round have arrived (or never will);
         a fresh proposal refused by holders of a different action gives way to it (`execution.to_adopt`)."""
-        adopt = execution.to_adopt(d.fresh, d.cert is not None, d.holding)
+        finished = {e.action.id for e in self.disk.history}
+        adopt = execution.to_adopt(d.fresh, d.cert is not None, d.holding, finished)
         if adopt is not None:
             self.disk.held = Held(adopt, d.term)
             self.drive = None
@@ -484,20 +530,27 @@ class SimAgent:
             if step.runs_on == "target" and action.target != self.name:
                 self.request_step(d, step, now)
                 return
-            later = execution.done_after(action.kind, step.name, d.target_done)
-            if later is not None and self.sim.cfg.broken != "rerun-anchor-steps":
-                self.mirror(cert, step.name)  # done before this anchor: the target has done `later`
-                continue
-            if step.name == "verify" and not self.verified(action):
-                if d.waiting != "verify":
-                    d.waiting, d.sent = "verify", now
-                if now - d.sent < 3 * STEP_WAIT * self.sim.cfg.probe:
+            if step.runs_on == "target":  # a RESTORE runs on its anchor: the same checks as a peer's request
+                reply = self.target_step(cert, step.name)
+                if reply is None:
                     return
-                d.waiting = None
-            result = self.journaled(cert, step, functools.partial(self.run_anchor_step, action, step.name))
-            if result is None:
-                return
-            ok, detail = result
+                ok, detail = reply.ok, reply.detail
+            else:
+                later = execution.done_after(action.kind, step.name, d.target_done)
+                if later is not None and self.sim.cfg.broken != "rerun-anchor-steps":
+                    self.mirror(cert, step.name)  # done before this anchor: the target has done `later`
+                    continue
+                if step.name == "verify" and not self.verified(action):
+                    if d.waiting != "verify":
+                        d.waiting, d.sent = "verify", now
+                    if now - d.sent < 3 * STEP_WAIT * self.sim.cfg.probe:
+                        return
+                    d.waiting = None
+                run = functools.partial(self.run_anchor_step, action, step.name)
+                result = self.journaled(cert, step, run)
+                if result is None:
+                    return
+                ok, detail = result
             if not ok:
                 self.failed(d, step, detail)
                 return
@@ -678,22 +731,76 @@ class SimAgent:
             return StepReply(decision.ok, decision.detail, done)
         d.max_cert_term = max(d.max_cert_term, cert.term)
         step = next(s for s in playbooks.steps(action.kind) if s.name == step_name)
-        result = self.journaled(cert, step, lambda: self.run_target_step(step_name))
+        result = self.journaled(cert, step, lambda: self.run_target_step(action, step_name))
         if result is None:
             return None
         return StepReply(result[0], result[1], tuple(d.journal[action.id].done))
 
-    def run_target_step(self, step: str) -> str:
+    def run_target_step(self, action: Action, step: str) -> str:
         world, me = self.sim.world, self.name
-        run: dict[str, Callable[[str], str]] = {
-            "fence": world.fence,
-            "quarantine": world.quarantine,
-            "start": world.start,
-            "mark": world.mark,
+        restoring = action.kind == "RESTORE"
+        run: dict[str, Callable[[], str]] = {
+            "fence": lambda: world.fence(me),
+            "quarantine": lambda: world.quarantine(me, self.sim.t),
+            "start": lambda: world.start(me, restoring),
+            "mark": lambda: world.mark(me),
+            "fetch": lambda: self.fetch(self.backup_of(action)),
+            "restore": lambda: self.restore(self.backup_of(action)),
+            "verify": lambda: self.verify_restored(self.backup_of(action)),
         }
-        if step not in run:
+        if step not in run or (step in ("fetch", "restore", "verify") and not restoring):
             raise StepError(f"{step} is not a step of the target")
-        return run[step](me)
+        return run[step]()
+
+    # -- RESTORE on the target (agent/actions.py's _backup_of, _fetch, _restore and RESTORE's verify) ----------
+
+    def backup_of(self, action: Action) -> BackupInfo:
+        """The catalogue entry of the backup a RESTORE names (id, sha256 and commit are signed into it)."""
+        params = dict(action.params)
+        want = (params.get("backup"), params.get("sha256"), params.get("commit"))
+        for _, held in self.holdings(self.clock(self.sim.t)):
+            for b in held:
+                if (b.id, b.sha256, str(b.commit)) == want:
+                    return b
+        raise StepError(f"{action.id} names backup {want[0]!r}, which no fresh agent reports holding")
+
+    def fetch(self, want: BackupInfo) -> str:
+        """An intact local copy, else a download from a holder (sha256 checked, kept only when intact). The
+        download is instantaneous here; the holder must be up and reachable."""
+        mine = self.disk.backups.get(want.id)
+        if (
+            mine is not None
+            and mine.info == want
+            and (mine.intact or self.sim.cfg.broken == "no-fetch-check")
+        ):
+            return f"local copy of {want.id} is intact"
+        errors = []
+        for name, held in self.holdings(self.clock(self.sim.t)):
+            peer = self.sim.agents[name]
+            if name == self.name or want not in held:
+                continue
+            if not peer.alive or not self.sim.connected(self.name, name):
+                errors.append(f"{name}: unreachable")
+                continue
+            copy = peer.disk.backups.get(want.id)
+            if copy is None or copy.info != want or not copy.intact:
+                errors.append(f"{name}: sha256 mismatch")
+                continue
+            self.disk.backups[want.id] = Copy(want)
+            return f"fetched {want.id} from {name} (sha256 checked)"
+        raise StepError(f"no intact copy of {want.id} could be had: " + ("; ".join(errors) or "no holder"))
+
+    def restore(self, want: BackupInfo) -> str:
+        copy = self.disk.backups.get(want.id)
+        if copy is None or copy.info != want:
+            raise StepError(f"no local copy of {want.id}: fetch first")
+        return self.sim.world.restore(self.name, want, copy.intact)
+
+    def verify_restored(self, want: BackupInfo) -> str:
+        node = self.sim.world.nodes[self.name]
+        if not (self.sim.world.healthy(self.name) and node.commit >= want.commit):
+            raise StepError(f"this node's commit has not reached {want.commit}, or it takes no writes")
+        return f"verified: commit at least {want.commit}, writes work"
 
     # -- journaled steps, with crashes between intent, effect and outcome ---------------------------------------
 

@@ -8,7 +8,10 @@ daemon's around the real election, classification, planner, guard rails, agreeme
 * a network that drops, duplicates, delays (reordering) and partitions messages;
 * crashes and restarts, also between a step's intent, its effect and its outcome: what was persisted
   ("fsynced": ballot, held ack, journal, history, escalations, pause) survives, memory does not;
-* steps that fail, operator pauses and resumes, clocks with drift and offset, wall clocks with skew.
+* steps that fail, operator pauses and resumes, clocks with drift and offset, wall clocks with skew;
+* backups (the HEALTHY anchor takes one every `backup_every`, pushed to every agent, a copy may rot on disk),
+  and in some seeds a total loss (every node's state, sometimes with one host dead), restored by a RESTORE
+  armed by `policy.auto_restore` or by an operator's approval once the faults stop (`Scenario`).
 
 One `random.Random(seed)` drives everything, so a seed replays exactly: `python -m tests.sim --seed S -v`.
 After every event the invariants are checked (`checker.py`); after the faults stop, liveness is checked:
@@ -19,24 +22,32 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import heapq
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from agent.core import guards
+from agent.config import Policy
+from agent.core import backups, guards, restore
+from agent.core.facts import ClusterFacts
+from agent.core.messages import RestoreApproval
+from agent.core.model import NodeClass
 from tests.sim.base import (
     BROKEN_RULES,
     GUARDS_REMOVED,
+    BackupCopy,
     SimConfig,
     heal_bound,
     liveness_bound,
+    restore_bound,
 )
 from tests.sim.checker import Checker, Violation
 from tests.sim.node import SimAgent
 from tests.sim.world import STATE, World
 
+KNOWN_GAP = "known gap: an unfinished action blocks the RESTORE"
 OPERATOR_DELAY = 5.0  # seconds from an escalation to the operator's `kmagent ack`, once the faults stopped
 MAX_PAGES = 2  # a node that escalates again after that many acks is left to its escalation (excused)
 
@@ -56,7 +67,47 @@ STATS = (
     "escalations",
     "rejoins",
     "evicts",
+    "backups",
+    "total_losses",
+    "approvals",
+    "restores",
 )
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """The seed's RESTORE story, drawn from its own generator (so the other faults' schedule is unchanged).
+
+    total_loss_at: when every node loses its state (None: never); spread: over how many seconds, one node after
+    the other (0: all at once); dead: a host that also dies then (it returns at `dead_back` or when the faults
+    stop), and keeps its state unless `dead_loses` (holding it, it must block every restore; losing it, it
+    blocks the automatic one until it is back and seen STATE_LOST); auto: `policy.auto_restore`, else the
+    operator approves once the faults stop; rot: one copy of the freshest backup rots on some agent's disk
+    at the total loss (another agent always holds it intact then)."""
+
+    total_loss_at: float | None = None
+    spread: float = 0.0
+    dead: bool = False
+    dead_loses: bool = False
+    dead_back: float = 0.0
+    auto: bool = False
+    rot: bool = False
+
+    @staticmethod
+    def draw(cfg: SimConfig) -> Scenario:
+        rng = random.Random(f"restore:{cfg.seed}")
+        if rng.random() >= cfg.total_loss:
+            return Scenario(rot=rng.random() < 0.3)
+        at = rng.uniform(15.0, 0.75 * cfg.fault_period)
+        return Scenario(
+            total_loss_at=at,
+            spread=rng.choice((0.0, rng.uniform(1.0, 10.0))),
+            dead=rng.random() < 0.4,
+            dead_loses=rng.random() < 0.5,
+            dead_back=at + rng.uniform(10.0, 60.0),
+            auto=rng.random() < 0.5,
+            rot=rng.random() < 0.5,
+        )
 
 
 @dataclass
@@ -88,6 +139,11 @@ class Simulation:
         self.touched: SimAgent | None = None  # the agent the current event ran on (None: check every agent)
         self.groups: dict[str, int] | None = None  # partition: agent -> side
         self.stats: dict[str, int] = dict.fromkeys(STATS, 0)
+        self.scenario = Scenario.draw(cfg)
+        self.last_backup = -cfg.backup_every
+        self.policy = Policy(
+            actions_per_hour=cfg.budget, min_members=cfg.min_members, auto_restore=self.scenario.auto
+        )
         self.witness_names = frozenset(cfg.names[len(cfg.node_names) :])
         self.world = World(cfg.node_names)
         self.agents: dict[str, SimAgent] = {}
@@ -96,6 +152,7 @@ class Simulation:
             offset, skew = self.rng.uniform(0, 1000), self.rng.uniform(-cfg.wall_skew, cfg.wall_skew)
             self.agents[name] = SimAgent(self, name, i >= len(cfg.node_names), rate, offset, skew)
         self.checker = Checker(self)
+        self.world.on_restore = self.checker.restore_effect
 
     def is_witness(self, name: str) -> bool:
         return name in self.witness_names
@@ -181,11 +238,11 @@ class Simulation:
         return [n for n in self.cfg.node_names if self.world.healthy(n)]
 
     def lose_state(self) -> None:
-        """At least one node always keeps the cluster's state (total loss is RESTORE, not modelled)."""
+        """At least one node keeps the cluster's state (a total loss is the scenario's, see `total_loss`)."""
         healthy = self._keeps_state()
         if len(healthy) >= 2:
             victim = self.rng.choice(healthy)
-            self.world.lose_state(victim)
+            self.world.lose_state(victim, self.t)
             self.stats["losses"] += 1
             self.note(f"STATE LOST on {victim}")
 
@@ -217,6 +274,99 @@ class Simulation:
         a.disk.paused_until = 0.0 if resume else a.wall() + self.rng.uniform(3.0, 20.0)
         self.stats["pauses"] += 1
         self.note(f"{'RESUME' if resume else 'PAUSE'} on {a.name} (epoch {a.disk.pause_epoch})")
+
+    # -- backups and the total loss (RESTORE) ---------------------------------------------------------------
+
+    def write(self) -> None:
+        self.world.write()
+        self.schedule(self.t + self.cfg.write_every, self.write)
+
+    def take_backup(self) -> None:
+        """The HEALTHY anchor runs `minkms backup` every backup_every and pushes the copy to every agent (over
+        the network); looked at every probe period, so that the first comes soon after an anchor exists."""
+        anchor = self.current_anchor()
+        due = self.t - self.last_backup >= self.cfg.backup_every
+        if due and anchor is not None and not anchor.witness and self.world.healthy(anchor.name):
+            self.last_backup = self.t
+            created = anchor.wall()
+            bid = backups.backup_id(created, anchor.name)
+            commit = self.world.commit
+            digest = hashlib.sha256(f"{bid}:{commit}".encode()).hexdigest()
+            info = backups.BackupInfo(bid, created, commit, 1000 + commit, digest, anchor.name)
+            anchor.keep_copy(info, True)
+            anchor.broadcast(BackupCopy(info))
+            self.stats["backups"] += 1
+            self.note(f"BACKUP {bid} (commit {commit}) by {anchor.name}")
+        self.schedule(self.t + self.cfg.probe, self.take_backup)
+
+    def total_loss(self) -> None:
+        """Every node loses its state, at once or one after the other; maybe one host dies too."""
+        sc = self.scenario
+        self.stats["total_losses"] += 1
+        self.note("TOTAL LOSS begins")
+        if sc.rot:
+            self.rot_copy()
+        names = list(self.cfg.node_names)
+        self.rng.shuffle(names)
+        if sc.dead:
+            dead = names.pop()
+            if sc.dead_loses:
+                self.world.lose_state(dead, self.t)
+            if self.world.nodes[dead].up:
+                self.world.host_down(dead)
+                self.agents[dead].crash()
+                self.note(f"HOST DOWN {dead} ({'state lost' if sc.dead_loses else 'holding its state'})")
+                self.schedule(max(sc.dead_back, self.t + 1.0), self.host_back, dead)
+        for i, name in enumerate(names):
+            self.schedule(self.t + sc.spread * i / max(1, len(names) - 1), self.lose_one, name)
+
+    def lose_one(self, name: str) -> None:
+        if self.world.holds_state(name):
+            self.world.lose_state(name, self.t)
+            self.stats["losses"] += 1
+            self.note(f"STATE LOST on {name} (total loss)")
+
+    def rot_copy(self) -> None:
+        """One agent's copy of the freshest backup rots on its disk, when another agent holds it intact."""
+        held = [(a, c) for a in self.agents.values() for c in a.disk.backups.values() if c.intact]
+        if not held:
+            return
+        best = backups.newest_first(c.info for _, c in held)[0]
+        holders = sorted(a.name for a, c in held if c.info == best)
+        if len(holders) >= 2:
+            victim = self.rng.choice(holders)
+            self.agents[victim].disk.backups[best.id].intact = False
+            self.note(f"ROT {victim}'s copy of {best.id}")
+
+    def restore_pending(self) -> bool:
+        """No node holds the cluster's state: only a RESTORE brings it back."""
+        return self.stats["total_losses"] > 0 and not any(
+            self.world.holds_state(n) for n in self.cfg.node_names
+        )
+
+    def operator_approve(self) -> None:
+        """`kmagent restore --approve` on a random live agent, as agent/actions.py's `restore` does it (refused
+        while a node serves in that agent's view, or without a backup); the operator tries again 10 s later
+        while no node holds state and no approval is pending (an unused one, not expired)."""
+        if not self.restore_pending():
+            return
+        live = [a for a in self.agents.values() if a.alive]
+        pending = self.checker.unused_approval(self.t)
+        if live and not pending:
+            a = self.rng.choice(live)
+            facts = a.facts(a.election.anchor_hint(a.clock(self.t)), a.clock(self.t))
+            if _approvable(facts):
+                epoch = max(
+                    (x.disk.approval.epoch for x in self.agents.values() if x.disk.approval), default=0
+                )
+                approval = RestoreApproval(
+                    epoch + 1, a.wall() + restore.APPROVAL_VALIDITY, f"operator on {a.name}"
+                )
+                a.disk.approval = approval
+                self.checker.approved(approval, self.t)
+                self.stats["approvals"] += 1
+                self.note(f"OPERATOR approves the restore on {a.name} (epoch {approval.epoch})")
+        self.schedule(self.t + 10.0, self.operator_approve)
 
     def restart(self, name: str) -> None:
         a, node = self.agents[name], self.world.nodes.get(name)
@@ -255,6 +405,8 @@ class Simulation:
             if node.up and not node.running and node.data == STATE and name not in in_flight:
                 node.running = True
                 self.note(f"OPERATOR starts minkms on {name}")
+        if self.scenario.total_loss_at is not None and not self.policy.auto_restore:
+            self.schedule(self.t + OPERATOR_DELAY, self.operator_approve)
         self.note("QUIET: faults stopped")
 
     def unacknowledged(self) -> list[str]:
@@ -276,8 +428,21 @@ class Simulation:
     # -- run -------------------------------------------------------------------------------------------------
 
     def excused(self, anchor: SimAgent | None) -> set[str]:
-        """Nodes automation legitimately stopped for: escalated by the anchor once their budget was used."""
+        """Nodes automation legitimately stopped for: escalated by the anchor once their budget was used; every
+        node after a total loss when no agent holds an intact backup (restored by hand, docs/operations.md)."""
+        if self.restore_pending() and not any(
+            c.intact for a in self.agents.values() for c in a.disk.backups.values()
+        ):
+            return set(self.cfg.node_names)
         return set(anchor.disk.escalated) if anchor is not None else set()
+
+    def blocked_restore(self, anchor: SimAgent | None) -> str:
+        """Names the known gap (docs/protocol.md) when it is why nothing moves: a REJOIN or EVICT left unfinished
+        by the total loss, which no anchor may resume (anchor-serves) and which comes before the RESTORE."""
+        unfinished = anchor.unfinished() if anchor is not None else None
+        if not self.restore_pending() or unfinished is None or unfinished.kind == "RESTORE":
+            return ""
+        return f" ({KNOWN_GAP}: {unfinished.id})"
 
     def current_anchor(self) -> SimAgent | None:
         return next(
@@ -290,6 +455,10 @@ class Simulation:
             a.start(0.0)
         self.schedule(self.rng.uniform(0, 5), self.fault)
         self.schedule(cfg.fault_period, self.quiet)
+        self.schedule(cfg.write_every, self.write)
+        self.schedule(cfg.probe, self.take_backup)
+        if self.scenario.total_loss_at is not None:
+            self.schedule(self.scenario.total_loss_at, self.total_loss)
         anchor_deadline = cfg.fault_period + liveness_bound(cfg)
         anchor_at: float | None = None
         healed_at: float | None = None
@@ -316,6 +485,9 @@ class Simulation:
                     if anchor is not None:
                         anchor_at = at - cfg.fault_period
                         heal_deadline = at + heal_bound(cfg) * max(1, len(self.world.needs_care()))
+                        if self.restore_pending():  # the restore replaces one node's REJOIN
+                            heal_deadline += restore_bound(cfg) - heal_bound(cfg)
+                            heal_deadline += 0.0 if self.policy.auto_restore else OPERATOR_DELAY
                     elif at > anchor_deadline:
                         if not cfg.liveness:
                             break
@@ -332,6 +504,7 @@ class Simulation:
                         break
                     raise Violation(
                         f"liveness: {sorted(waiting)} not HEALTHY {heal_bound(cfg):.0f}s per node after an anchor"
+                        + self.blocked_restore(anchor)
                     )
             self.checker.histories_complete()
         except Violation as exc:
@@ -340,6 +513,7 @@ class Simulation:
         self.stats["events"] = events
         self.stats["rejoins"] = sum(1 for c in self.checker.certs.values() if c.action.kind == "REJOIN")
         self.stats["evicts"] = sum(1 for c in self.checker.certs.values() if c.action.kind == "EVICT")
+        self.stats["restores"] = self.checker.restores
         return Result(cfg, violation, events, self.trace, anchor_at, healed_at, self.stats)
 
 
@@ -358,8 +532,37 @@ def _guards_for(cfg: SimConfig) -> Iterator[None]:
         guards.RULES = saved
 
 
+def _approvable(facts: ClusterFacts) -> bool:
+    serving = (NodeClass.HEALTHY, NodeClass.DEGRADED)
+    if any(n.verdict is not None and n.verdict.cls in serving for n in facts.nodes):
+        return False
+    return backups.choose(dict(facts.backups)).backup is not None
+
+
+def _oldest_choice(facts: ClusterFacts) -> backups.Choice:
+    """TEST ONLY (`--broken oldest-backup`): the oldest backup any agent reports, not the freshest."""
+    held = [b for _, h in facts.backups for b in h]
+    if not held:
+        return backups.Choice(None, (), "no agent holds an intact backup")
+    oldest = backups.newest_first(held)[-1]
+    return backups.Choice(oldest, tuple(backups.holders(dict(facts.backups), oldest.id)), "")
+
+
+@contextlib.contextmanager
+def _choice_for(cfg: SimConfig) -> Iterator[None]:
+    if cfg.broken != "oldest-backup":
+        yield
+        return
+    saved = restore.choice
+    restore.choice = _oldest_choice
+    try:
+        yield
+    finally:
+        restore.choice = saved
+
+
 def run(cfg: SimConfig, verbose: bool = False) -> Result:
-    with _guards_for(cfg):
+    with _guards_for(cfg), _choice_for(cfg):
         return Simulation(cfg, verbose).run()
 
 
@@ -370,7 +573,8 @@ def describe(result: Result) -> str:
         f"seed {r.cfg.seed} agents {r.cfg.agents} witnesses {r.cfg.witnesses}: "
         f"{'OK' if r.ok else 'VIOLATION'}; {r.events} events, {s['crashes']} crashes, {s['partitions']} partitions, "
         f"{s['losses']} state losses, {s['host_deaths']} host deaths, {s['pauses']} pauses; "
-        f"certified {s['rejoins']} REJOIN {s['evicts']} EVICT; {s['done']} done, {s['aborted']} aborted, "
+        f"certified {s['rejoins']} REJOIN {s['evicts']} EVICT; {s['backups']} backups, "
+        f"{s['total_losses']} total losses, {s['approvals']} approvals, {s['restores']} restored; {s['done']} done, {s['aborted']} aborted, "
         f"{s['failed']} failed, {s['escalations']} escalations; "
         f"anchor {_secs(r.anchor_after_quiet)} and healed {_secs(r.healed_after_quiet)} after faults stopped"
     )

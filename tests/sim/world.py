@@ -11,8 +11,10 @@ when its precondition does not hold (a failure the executor then counts against 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from agent.core.backups import BackupInfo
 from agent.core.classify import Verdict
 from agent.core.model import NodeClass
 
@@ -27,6 +29,8 @@ class Node:
     running: bool = True  # the minkms process
     data: str = STATE  # what the storage path holds: the cluster's state, nothing, or a fresh 1-node cluster
     marker_ok: bool = True  # the agent's identity marker is beside the state
+    commit: int = 0  # the commit index its state holds (meaningful while data == STATE)
+    lost_at: float | None = None  # real time its state was last lost (None: it holds state)
 
     @property
     def live(self) -> bool:
@@ -38,11 +42,16 @@ class StepError(Exception):
     """A step's precondition does not hold: the step fails (and is retried or ends the action)."""
 
 
+RestoreHook = Callable[[str, BackupInfo, bool], None]
+
+
 class World:
     def __init__(self, names: tuple[str, ...]) -> None:
         self.nodes = {n: Node(n, f"h-{n}") for n in names}
         self.members: dict[str, int] = {n: i for i, n in enumerate(names)}  # node name -> minkms node id
         self.next_id = len(names)
+        self.commit = 0  # the cluster's commit index: grows with writes, set back by a restore
+        self.on_restore: RestoreHook | None = None  # the checker, told just before a restore takes effect
 
     # -- truth -------------------------------------------------------------------------------------------------
 
@@ -58,6 +67,17 @@ class World:
         """minkms writes need every member up (DESIGN §2)."""
         return all(self.nodes[m].live and self.nodes[m].data != EMPTY for m in self.members)
 
+    def holds_state(self, name: str) -> bool:
+        """The node's storage holds the cluster's state (a dead host's too): a restore would lose it."""
+        return self.nodes[name].data == STATE
+
+    def write(self) -> None:
+        """A client write: commits while the cluster accepts writes, on every member holding its state."""
+        if self.members and self.writable() and any(self.healthy(m) for m in self.members):
+            self.commit += 1
+            for m in self.members:
+                self.nodes[m].commit = self.commit
+
     def membership(self) -> tuple[tuple[int, str], ...]:
         return tuple(sorted((nid, self.nodes[n].host) for n, nid in self.members.items()))
 
@@ -66,7 +86,9 @@ class World:
         n = self.nodes[name]
         if not n.live:
             return ()
-        if n.data == FRESH and name not in self.members:
+        if (
+            n.data == FRESH
+        ):  # a fresh node is a cluster of one (a RESTORE's target is one of the dead cluster)
             return ((0, n.host),)
         return self.membership() if name in self.members else ()
 
@@ -88,10 +110,12 @@ class World:
 
     # -- faults ------------------------------------------------------------------------------------------------
 
-    def lose_state(self, name: str) -> None:
-        """Disk loss: the state and the marker are gone; minkms dies and preflight keeps it from starting fresh."""
+    def lose_state(self, name: str, t: float) -> None:
+        """Disk loss: the state and the marker are gone; minkms dies and preflight keeps it from starting fresh.
+        The backup directory is elsewhere on the host: its copies survive (see node.Disk.backups)."""
         n = self.nodes[name]
-        n.data, n.marker_ok, n.running = EMPTY, False, False
+        n.data, n.marker_ok, n.running, n.commit = EMPTY, False, False, 0
+        n.lost_at = t if n.lost_at is None else n.lost_at
 
     def host_down(self, name: str) -> None:
         self.nodes[name].up = False
@@ -112,11 +136,13 @@ class World:
         n.running = False
         return "minkms stopped" if was else "minkms was already stopped"
 
-    def quarantine(self, target: str) -> str:
+    def quarantine(self, target: str, t: float) -> str:
         n = self.nodes[target]
         if n.running:
             raise StepError("minkms is running: fence first")
         moved = n.data != EMPTY
+        if n.data == STATE:
+            n.lost_at = t
         n.data, n.marker_ok = EMPTY, False
         return "state moved aside" if moved else "nothing left to move"
 
@@ -128,14 +154,34 @@ class World:
         del self.members[target]
         return f"removed {target}"
 
-    def start(self, target: str) -> str:
+    def start(self, target: str, restoring: bool = False) -> str:
+        """A RESTORE's start needs only the empty storage path: the membership it was in died with every node."""
         n = self.nodes[target]
         if not n.up:
             raise StepError(f"{target}'s host is down")
-        if target in self.members or n.data == STATE:
+        if n.data == STATE or (target in self.members and not restoring):
             raise StepError("start needs an empty storage path on a node that is not a member")
         n.running, n.data = True, FRESH
         return "minkms started fresh"
+
+    def restore(self, target: str, backup: BackupInfo, intact: bool) -> str:
+        """`minkms restore`: once. A node whose commit has reached the backup's was restored already (a repeat);
+        minkms refuses a node that holds state or is not a live fresh one, and a file whose gzip is damaged.
+        The restored node is a new cluster of one, with the backup's state (the others then REJOIN it)."""
+        n = self.nodes[target]
+        if n.live and n.data == STATE and n.commit >= backup.commit > 0:
+            return f"already restored: commit {n.commit}"
+        if not (n.live and n.data == FRESH):
+            raise StepError(f"minkms refuses the restore: {target} is not a live fresh node ({n.data})")
+        if self.on_restore is not None:
+            self.on_restore(target, backup, intact)
+        if not intact:
+            raise StepError(f"minkms restore: {backup.id} is not a valid gzip file")
+        n.data, n.commit, n.lost_at = STATE, backup.commit, None
+        self.members = {target: self.next_id}
+        self.next_id += 1
+        self.commit = backup.commit
+        return f"restored {backup.id} (commit {backup.commit})"
 
     def add(self, anchor: str, target: str) -> str:
         if target in self.members:
@@ -147,7 +193,7 @@ class World:
             raise StepError(f"{target} is not a live fresh node")
         self.members[target] = self.next_id
         self.next_id += 1
-        n.data = STATE
+        n.data, n.commit, n.lost_at = STATE, self.commit, None
         return f"added {target} as node {self.members[target]}"
 
     def mark(self, target: str) -> str:

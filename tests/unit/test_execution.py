@@ -85,6 +85,14 @@ def test_only_a_fresh_uncertified_proposal_gives_way_to_a_held_action() -> None:
     assert execution.to_adopt(True, True, holding) is None
 
 
+def test_an_anchor_never_adopts_an_action_it_has_finished() -> None:
+    """A refuser that missed the end of an action still holds it: the anchor that closed it must not take it up
+    again (it would hold it for ever), but a different held action still comes first."""
+    holding = {"a2": REJOIN, "a3": EVICT}
+    assert execution.to_adopt(True, False, holding, {REJOIN.id}) == EVICT
+    assert execution.to_adopt(True, False, {"a2": REJOIN}, {REJOIN.id}) is None
+
+
 def test_the_anchor_closes_a_rejoin_of_itself_once_its_own_steps_are_done() -> None:
     mine = ("fence", "quarantine", "start", "mark")
     assert execution.target_closes(REJOIN, "a1", mine)
