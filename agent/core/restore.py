@@ -28,9 +28,9 @@ __all__ = [
     "active_approval",
     "advice",
     "called_for",
-    "needed",
     "choice",
     "command",
+    "needed",
     "problem",
     "proposal",
 ]
