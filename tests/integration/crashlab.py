@@ -91,7 +91,12 @@ class Crashes:
 
 
 @contextlib.contextmanager
-def crash_lab(directory: Path, timings: Mapping[str, str]) -> Iterator[tuple[Lab, Crashes]]:
+def crash_lab(
+    directory: Path,
+    timings: Mapping[str, str],
+    policy: Mapping[str, Any] | None = None,
+    backup: Mapping[str, str | int] | None = None,
+) -> Iterator[tuple[Lab, Crashes]]:
     """A running 3-node lab with agents, every failpoint armed and disarmed (see Crashes); torn down after."""
     lab = Lab(directory / "lab")
     crashes = Crashes(directory / "failpoints")
@@ -103,7 +108,8 @@ def crash_lab(directory: Path, timings: Mapping[str, str]) -> Iterator[tuple[Lab
             agents=True,
             prepare=crashes.prepare,
             agent_timings=timings,
-            agent_policy=POLICY,
+            agent_policy={**POLICY, **(policy or {})},
+            agent_backup=backup,
         )
         yield lab, crashes
     finally:

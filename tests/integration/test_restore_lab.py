@@ -6,8 +6,6 @@ by the operator, and the restore uses another agent's copy."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,14 @@ import pytest
 from emulator.lab.lab import Lab, LabNode, wait_for
 from emulator.lab.workload import DataKey, create_keys, verify_keys
 from tests.integration.crashlab import history, needs_nft, status
+from tests.integration.restorelab import (
+    backup_everywhere,
+    kmagent,
+    rebuilt,
+    restored_from,
+    restores,
+    wipe_all,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -48,61 +54,6 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
     lab = make_lab(tmp_path)
     yield lab
     lab.down()
-
-
-def kmagent(lab: Lab, node: LabNode, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "agent.cli", "--config", str(lab.agent_config(node)), *args],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-
-
-def held(lab: Lab, node: LabNode) -> list[str]:
-    backups = status(lab, node).get("backups") or {}
-    return list(backups.get("held") or [])
-
-
-def backup_everywhere(lab: Lab) -> str:
-    """A backup taken now (after the keys), on every agent: the one a restore must use."""
-    wait_for(
-        lambda: kmagent(lab, lab.nodes()[0], "backup", "now").returncode == 0, 90, "a backup to be taken"
-    )
-    newest = wait_for(lambda: held(lab, lab.nodes()[0])[:1], 30, "the backup on node1")[0]
-    wait_for(lambda: all(held(lab, n)[:1] == [newest] for n in lab.nodes()), 60, f"{newest} on every agent")
-    return str(newest)
-
-
-def restores(lab: Lab) -> dict[str, set[str]]:
-    """Every RESTORE any agent recorded: id -> outcomes."""
-    found: dict[str, set[str]] = {}
-    for node in lab.nodes():
-        for entry in history(lab, node):
-            if entry["action"]["kind"] == "RESTORE":
-                found.setdefault(entry["action"]["id"], set()).add(entry["outcome"])
-    return found
-
-
-def restored_from(lab: Lab, action: str) -> str:
-    entry = next(e for n in lab.nodes() for e in history(lab, n) if e["action"]["id"] == action)
-    return str(dict(entry["action"]["params"])["backup"])
-
-
-def rebuilt(lab: Lab) -> bool:
-    """Three members, every agent's view of every node HEALTHY, nothing in flight."""
-    for node in lab.nodes():
-        s = status(lab, node)
-        if not s or (s.get("actions") or {}).get("in_flight"):
-            return False
-        if any(n.get("class") != "HEALTHY" for n in s.get("nodes", [])):
-            return False
-    return lab.formed(3)
-
-
-def wipe_all(lab: Lab, nodes: list[LabNode] | None = None) -> None:
-    for node in nodes or lab.nodes():
-        lab.fault(node.name, "disk-loss")
 
 
 def advice(lab: Lab, node: LabNode) -> str:
