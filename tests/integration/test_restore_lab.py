@@ -24,8 +24,6 @@ from tests.integration.restorelab import (
     wipe_all,
 )
 
-pytestmark = pytest.mark.slow
-
 TIMINGS = {"state_lost_after": "2s", "restore_after": "6s", "cooldown": "1s"}
 POLICY: dict[str, Any] = {"actions_per_hour": 100}
 BACKUP = {
@@ -79,6 +77,7 @@ def check_rebuilt(lab: Lab, keys: list[DataKey], backup: str) -> str:
 
 
 def test_total_loss_waits_for_the_operator_then_rebuilds_from_the_freshest_backup(lab: Lab) -> None:
+    """Not marked slow (~40 s): `make test-debian` runs one whole restore on Debian's own stack."""
     keys = create_keys(lab, 6)
     backup = backup_everywhere(lab)
     late = create_keys(lab, 2, prefix="late")  # after the backup: the restore loses these, as it says
@@ -115,6 +114,7 @@ def test_total_loss_waits_for_the_operator_then_rebuilds_from_the_freshest_backu
     assert all(not advice(lab, n) for n in lab.nodes())
 
 
+@pytest.mark.slow
 @needs_nft
 def test_auto_restore_waits_for_an_unreachable_host_which_then_makes_it_unneeded(tmp_path: Path) -> None:
     lab = make_lab(tmp_path, auto_restore=True)
@@ -147,6 +147,7 @@ def test_auto_restore_waits_for_an_unreachable_host_which_then_makes_it_unneeded
         lab.down()
 
 
+@pytest.mark.slow
 def test_auto_restore_without_the_backups_source_uses_another_agents_copy(tmp_path: Path) -> None:
     lab = make_lab(tmp_path, auto_restore=True)
     try:
