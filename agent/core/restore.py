@@ -119,7 +119,9 @@ def problem(action: Action, facts: ClusterFacts) -> str | None:
         return f"{action.target!r} is not a node one can restore on"
     if target.verdict.cls is not NodeClass.STATE_LOST:
         return f"{target.name} is {target.verdict.cls}: a restore never runs over a node that may hold state"
-    blocked = [why for n in facts.nodes if (why := _blocks(n, facts, accept, by is not None))]
+    blocked = [
+        why for n in facts.nodes if (why := _blocks(n, facts, accept, by is not None) or _restored(n, facts))
+    ]
     if blocked:
         return "; ".join(blocked)
     chosen = choice(facts)
@@ -152,6 +154,22 @@ def _blocks(node: NodeFacts, facts: ClusterFacts, accept: tuple[str, ...], appro
         return (
             f"{node.name} has been STATE_LOST for {human_duration(node.held_seconds)}; "
             f"an automatic restore needs {human_duration(needed)} on every node"
+        )
+    return None
+
+
+def _restored(node: NodeFacts, facts: ClusterFacts) -> str | None:
+    """Why `node`'s evidence of loss does not count: it began before the node's last RESTORE, so it is the loss
+    that restore repaired, seen by an agent whose view has not caught up yet (found in the lab: a second RESTORE
+    proposed a second after the first one finished, while the restored node still looked STATE_LOST)."""
+    if node.verdict is None or node.verdict.cls is not NodeClass.STATE_LOST:
+        return None
+    restores = [e.started_wall for e in facts.history if e.kind == RESTORE and e.target == node.name]
+    lost_since = facts.wall_now - node.held_seconds
+    if restores and lost_since <= max(restores):
+        return (
+            f"{node.name} was restored {human_duration(max(0.0, facts.wall_now - max(restores)))} ago and its "
+            "state-lost evidence is older than that: it is the loss that restore repaired"
         )
     return None
 

@@ -156,3 +156,13 @@ def test_a_restore_anchor_never_starts_a_rejoin() -> None:
     f = lost_cluster()
     rejoin = Action("rejoin-b-7-1", "REJOIN", "b", (("node_id", "1"), ("host", "b.kms:7373")))
     assert "anchor-serves" in [r.rule for r in check(rejoin, f)]
+
+
+def test_a_loss_older_than_the_nodes_last_restore_never_licenses_another() -> None:
+    """A second after a RESTORE of a, a view that has not caught up still shows a STATE_LOST since long ago."""
+    done = ago("a", 5.0, "RESTORE", "done")
+    f = lost_cluster(history=(done,))
+    assert "a was restored 5s ago" in refusal(proposed(f), f)
+    # a new loss of a, after its restore (held 3 s < 5 s ago), is evidence again
+    again = lost_cluster(node("a", LOST, 3.0), node("b", LOST), node("c", LOST), history=(done,))
+    assert "was restored" not in refusal(proposed(again), again)
