@@ -5,12 +5,15 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: dev test test-debian demo lint fmt bench clean help
+.PHONY: dev test test-debian test-packaging deb rpm demo lint fmt bench clean help
 
 help:
 	@echo "make dev    create .venv with kmagent, the emulator and the test tools"
 	@echo "make test   run the test suite"
 	@echo "make test-debian  the same suite on Debian 12's python3 and python3-* packages (no venv, no pip)"
+	@echo "make deb    build the .deb into dist/ (installs the build dependencies with apt)"
+	@echo "make rpm    build the .rpm into dist/ (installs rpm with apt)"
+	@echo "make test-packaging  build both, then lintian, the unit checks, the packages' contents, the chroot install"
 	@echo "make demo   run the demo: a local emulated cluster healing itself"
 	@echo "make lint   ruff and mypy"
 	@echo "make bench  run the benchmarks; figures go to docs/benchmarks.md"
@@ -29,6 +32,19 @@ test: $(STAMP)
 # Debian's own stack, the compatibility floor; installs the python3-* packages it needs with apt when missing.
 test-debian:
 	scripts/test-debian -m "not slow"
+
+deb:
+	scripts/build-deb
+
+rpm:
+	scripts/build-rpm
+
+# The packages as built: tests/packaging on Debian's python3 (lintian, the contents of dist/, and the .deb
+# installed into a Debian 12 chroot as root). The suites above also collect tests/packaging: without dist/ the
+# artefact tests skip, the unit checks run.
+test-packaging: deb rpm
+	scripts/apt-install lintian man-db bash-completion systemd
+	scripts/test-debian tests/packaging -m packaging
 
 demo: $(STAMP)
 	$(BIN)/python -m emulator.lab.demo

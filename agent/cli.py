@@ -540,6 +540,12 @@ def cmd_preflight(args: argparse.Namespace) -> int:
     from agent.config import ConfigError, load_config
 
     path = _config_path(args)
+    # Only the default path: an explicit --config or $KMAGENT_CONFIG naming a missing file is an error.
+    if not args.config and not os.environ.get("KMAGENT_CONFIG"):
+        verdict = preflight.unconfigured(path)
+        if verdict is not None:
+            print(f"kmagent preflight: ok: {verdict.reason}")
+            return EXIT_OK
     try:  # the TLS and key files are not needed here, and must not block minkms when missing
         cfg = load_config(path, check_files=False)
     except ConfigError as exc:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.config import Config
+from agent.config import Config, StateConfig
 from agent.io.durable import fsync_dir, read_json, write_json
 from agent.io.storage import _ACTION_ID_RE, MARKER_NAME, Marker, StorageError, is_agent_file, read_marker
 
@@ -222,6 +222,34 @@ def record_path(state_dir: Path) -> Path:
 
 def fresh_start_path(state_dir: Path) -> Path:
     return Path(state_dir) / FRESH_START_NAME
+
+
+DEFAULT_STATE_DIR = StateConfig().dir
+"""state.dir's default: where an unconfigured host's record would be (see `unconfigured`)."""
+
+
+def unconfigured(config: Path, state_dir: Path | None = None) -> Verdict | None:
+    """An allowing verdict when kmagent was installed but never configured here: no config and no record.
+
+    The package installs the minkms.service drop-in with kmagent, before any config exists; refusing then
+    would stop a minkms that kmagent never managed at its next restart. Without a record this host never
+    belonged to a cluster through kmagent, so there is no identity to protect. A record without a config
+    (a deleted or lost config) is still refused by the caller, and so is any error but "does not exist".
+    """
+    record = record_path(DEFAULT_STATE_DIR if state_dir is None else state_dir)
+    for path in (config, record):
+        try:
+            os.lstat(path)
+            return None
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return None
+    return Verdict(
+        True,
+        f"kmagent is not configured on this host ({config} and {record} do not exist); "
+        "nothing to protect yet",
+    )
 
 
 def authorise_fresh_start(state_dir: Path, action_id: str, until_wall: float) -> Path:

@@ -448,6 +448,35 @@ def test_cli_uses_kmagent_config_from_the_environment(
     assert "first start" in capsys.readouterr().out
 
 
+def test_unconfigured_host_allows_only_without_config_and_without_record(tmp_path: Path) -> None:
+    """The package installs the drop-in before any config exists: minkms must still start then."""
+    config, state = tmp_path / "kmagent.toml", tmp_path / "state"
+    verdict = preflight.unconfigured(config, state)
+    assert verdict is not None and verdict.ok and "not configured" in verdict.reason
+    state.mkdir()
+    (state / preflight.RECORD_NAME).write_text("{}")  # the host joined a cluster, then lost its config
+    assert preflight.unconfigured(config, state) is None
+    (state / preflight.RECORD_NAME).unlink()
+    config.write_text("")  # a config exists (even a broken one): the caller loads and judges it
+    assert preflight.unconfigured(config, state) is None
+
+
+def test_cli_default_config_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The drop-in's plain `kmagent preflight`: allowed when unconfigured, refused once the host has a record."""
+    state = tmp_path / "state"
+    monkeypatch.setattr(cli, "DEFAULT_CONFIG", str(tmp_path / "kmagent.toml"))
+    monkeypatch.setattr(preflight, "DEFAULT_STATE_DIR", state)
+    monkeypatch.delenv("KMAGENT_CONFIG", raising=False)
+    assert cli.main(["preflight"]) == 0
+    assert "not configured" in capsys.readouterr().out
+    state.mkdir()
+    (state / preflight.RECORD_NAME).write_text("{}")
+    assert cli.main(["preflight"]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
 def test_cli_witness_notes_and_allows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "kmagent.toml"
     path.write_text(config_text(tmp_path / "none", tmp_path / "state", role="witness"))
