@@ -52,6 +52,7 @@ class HistoryEntry(NamedTuple):
     kind: str
     started_wall: float  # wall-clock epoch seconds
     outcome: str  # "done", "aborted", "escalated", or "" while unfinished
+    finished_wall: float | None = None  # wall-clock epoch seconds; None while unfinished
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,6 +95,8 @@ class ClusterFacts:
         _duration("paused_until", self.paused_until)
         for entry in self.history:
             _finite(f"started_wall of the history entry for {entry.target}", entry.started_wall)
+            if entry.finished_wall is not None:
+                _finite(f"finished_wall of the history entry for {entry.target}", entry.finished_wall)
 
     def node(self, name: str) -> NodeFacts | None:
         return next((n for n in self.nodes if n.name == name), None)

@@ -30,6 +30,7 @@ __all__ = [
     "called_for",
     "choice",
     "command",
+    "established",
     "needed",
     "problem",
     "proposal",
@@ -46,6 +47,25 @@ def needed(facts: ClusterFacts) -> bool:
     """No node serves, and some node's state is lost: only a restore (or a host's return) can end it."""
     nodes = [n.verdict.cls for n in facts.nodes if n.verdict is not None]
     return not any(c in _SERVING for c in nodes) and NodeClass.STATE_LOST in nodes
+
+
+def established(facts: ClusterFacts) -> bool:
+    """A restore is needed, and this agent has positive, lasting evidence that nothing but a restore can end it:
+    every node (witnesses aside) has been STATE_LOST, or named by the operator's active approval
+    (`--accept-loss-of`), for at least `restore_after` on this agent's clock, the wait of an automatic restore.
+
+    Stricter than `needed`, which counts every silent node as not serving: an AGENT_DOWN node's minkms answers
+    (it may serve), an UNREACHABLE one may only be cut off from this agent, and a DOWN, CORRUPT or EVICTED one may
+    hold state; each of them blocks the restore itself (`_blocks`) too."""
+    if not needed(facts):
+        return False
+    approval = active_approval(facts)
+    accept = tuple(approval.accept_loss_of) if approval is not None else ()
+    return all(
+        n.verdict is None
+        or (_blocks(n, facts, accept, False) is None and n.held_seconds >= facts.timings.restore_after)
+        for n in facts.nodes
+    )
 
 
 def called_for(facts: ClusterFacts) -> bool:
@@ -114,6 +134,8 @@ def problem(action: Action, facts: ClusterFacts) -> str | None:
         )
     elif accept:
         return "only an operator's approval may accept the loss of a node"
+    if by is None and (recent := _recent_restore(facts)) is not None:
+        return recent
     target = facts.node(action.target)
     if target is None or target.verdict is None:
         return f"{action.target!r} is not a node one can restore on"
@@ -130,6 +152,20 @@ def problem(action: Action, facts: ClusterFacts) -> str | None:
             f"the restore names backup {_param(action, BACKUP)!r}; the freshest intact one this agent knows is "
             f"{chosen.backup.id} (never an older backup while a newer one is available)"
         )
+    return None
+
+
+def _recent_restore(facts: ClusterFacts) -> str | None:
+    """Why an automatic restore must wait after a RESTORE finished, or None. Until a report of the node it
+    restored arrives, the views still show that node STATE_LOST for long; a second restore then would fork the
+    cluster's state (found by the simulator: a RESTORE resumed by another anchor, which proposed a second one on
+    itself right after closing the first). An approval arms one restore only (`active_approval`)."""
+    wait = facts.timings.restore_after
+    ends = [e.finished_wall for e in facts.history if e.kind == RESTORE and e.finished_wall is not None]
+    ago = facts.wall_now - max(ends) if ends else wait
+    if ago < wait:
+        since = f"{human_duration(ago)} ago" if ago >= 0 else "in the future (the wall clock stepped back)"
+        return f"a RESTORE finished {since}: an automatic restore waits {human_duration(wait)} after one"
     return None
 
 

@@ -156,3 +156,21 @@ def test_a_restore_anchor_never_starts_a_rejoin() -> None:
     f = lost_cluster()
     rejoin = Action("rejoin-b-7-1", "REJOIN", "b", (("node_id", "1"), ("host", "b.kms:7373")))
     assert "anchor-serves" in [r.rule for r in check(rejoin, f)]
+
+
+def test_an_automatic_restore_waits_restore_after_again_once_a_restore_finished() -> None:
+    """Until the restored node's report arrives, the views still show it lost for long: a second restore then
+    would fork the cluster's state (the simulator found it, a RESTORE resumed by another anchor)."""
+    wait = lost_cluster().timings.restore_after
+
+    def finished(seconds_ago: float) -> Any:
+        entry = ago("b", seconds_ago + 30, "RESTORE", "done")._replace(finished_wall=WALL - seconds_ago)
+        return lost_cluster(history=(entry,))
+
+    assert "a RESTORE finished 1s ago: an automatic restore waits" in refusal(
+        proposed(finished(1.0)), finished(1.0)
+    )
+    assert check(proposed(finished(wait)), finished(wait)) == []
+    assert "in the future" in refusal(proposed(finished(-5.0)), finished(-5.0))  # the wall clock stepped back
+    unfinished = lost_cluster(history=(ago("b", 1.0, "RESTORE", ""),))  # a RESTORE under way: not this rule
+    assert "a RESTORE finished" not in refusal(proposed(unfinished), unfinished)
