@@ -92,12 +92,14 @@ class Actions:
         self.journal = Journal(state / "journal.jsonl", cfg.name, held_path=state / "held.json")
         self.history = History(state / "history.jsonl")
         self.escalated_path = state / "escalated.json"
+        self.superseded_path = state / "superseded.json"
         self.signer = Signer.from_files(Path(cfg.tls.cert), Path(cfg.tls.key), cfg.name)
         self.verifier = AckVerifier.from_file(Path(cfg.tls.ca), [a.name for a in cfg.agents])
         self.held: Held | None = self.journal.load_held()
         self.since: dict[str, float] = {}
         self.acks: dict[str, float] = {}
         self.escalated: frozenset[str] = self._load_escalated()
+        self.superseded: tuple[str, ...] = self._load_superseded()
         self.drive: Drive | None = None
         self.requested: Action | None = (
             None  # an operator's request, on the anchor, until proposed or refused
@@ -131,8 +133,13 @@ class Actions:
 
     # ---- facts -------------------------------------------------------------------------------------------
     def facts(self, anchor: str | None, now: float | None = None) -> cf.ClusterFacts:
-        c = self.coordinator
         now = time.monotonic() if now is None else now
+        base = self._facts(anchor, now)
+        return dataclasses.replace(base, unfinished=self._unfinished(lambda: base, now))
+
+    def _facts(self, anchor: str | None, now: float) -> cf.ClusterFacts:
+        """Everything but the unfinished action, which is chosen in view of these (`execution.superseded`)."""
+        c = self.coordinator
         reference = c.reference(now) or {}
         hosts = {a.name: a.minkms_host for a in self.cfg.agents}
         nodes, removed = cf.node_facts(c.views, hosts, c.tracked, reference, now)
@@ -146,7 +153,7 @@ class Actions:
             anchor=anchor,
             term=c.election.term,
             nodes=nodes,
-            unfinished=self.unfinished(),
+            unfinished=None,
             removed=removed,
             history=history,
             escalated=self.escalated,
@@ -162,19 +169,38 @@ class Actions:
 
     def unfinished(self) -> Action | None:
         """The unfinished action to resume first (`execution.unfinished_action`): held, journaled, or carried by a
-        fresh peer report and not finished in our history."""
+        fresh peer report and not finished in our history; never one a total loss superseded in our view."""
         now = time.monotonic()
+        return self._unfinished(lambda: self._facts(None, now), now)
+
+    def _unfinished(self, base: Callable[[], cf.ClusterFacts], now: float) -> Action | None:
         timeout = self.cfg.timings.peer_timeout
         reports = (fresh_report(link.state, now, timeout) for link in self.coordinator.links.values())
         return execution.unfinished_action(
             self.held.action if self.held is not None else None,
             [s.action for s in self.journal.state().unfinished()],
             [r for r in reports if r is not None],
-            _InHistory(self.history),
+            _InHistory(self.history, self.superseded),
+            skip=execution.superseded_in(self.coordinator.views, base),
         )
 
     def finished_ids(self) -> tuple[str, ...]:
-        return tuple(e.action.id for e in self.history.entries(limit=RECENT_FINISHED))
+        history = [e.action.id for e in self.history.entries(limit=RECENT_FINISHED)]
+        return execution.finished_ids(history, self.superseded)
+
+    def _load_superseded(self) -> tuple[str, ...]:
+        try:
+            data = read_json(self.superseded_path)
+        except (OSError, ValueError) as exc:  # lost ids: a peer's report or history still names most of them
+            log.error(logs.kv(event="superseded_unreadable", path=self.superseded_path, error=exc))
+            return ()
+        return tuple(i for i in data if isinstance(i, str)) if isinstance(data, list) else ()
+
+    def _remember_superseded(self, action_id: str) -> None:
+        """Durable, so that this agent never resumes nor adopts the dropped action again, even after a restart."""
+        if action_id not in self.superseded:
+            self.superseded = (*self.superseded, action_id)[-RECENT_FINISHED:]
+            write_json(self.superseded_path, list(self.superseded))
 
     def on_peer_finished(self, finished: tuple[str, ...]) -> None:
         """A peer recorded these actions finished: release ours, and close our journal of them (a target whose
@@ -469,10 +495,40 @@ class Actions:
         )
         return f"restored {want.id} (commit {want.commit})"
 
+    # ---- every agent: a total loss supersedes an unfinished REJOIN or EVICT -----------------------------------
+    async def supersede(self) -> None:
+        """Release the held ack of, and close as aborted in our journal and history, each unfinished REJOIN or EVICT
+        that a total loss superseded in this agent's view (`execution.superseded`), so that the RESTORE can be
+        acked and proposed. On every agent, every round: holders that are not the anchor must let go too. Under
+        the lock, so that it never closes an action while a step of it runs here."""
+        views = self.coordinator.views
+        if not views or not execution.none_serves(views):
+            return
+        async with self.lock:
+            facts = self._facts(None, time.monotonic())
+            if self.held is not None and (why := execution.superseded(self.held.action, facts)):
+                action = self.held.action
+                self._remember_superseded(action.id)
+                self._save_held(release(self.held, action.id))
+                _log_superseded(action, why, "released the held ack")
+            for state in self.journal.state().unfinished():
+                why = execution.superseded(state.action, facts)
+                if why is None:
+                    continue
+                self._remember_superseded(state.action.id)
+                close_action(self.journal, self.history, state.action.id, "aborted", why, ())
+                if state.action.target == self.cfg.name:
+                    revoke_fresh_start(Path(self.cfg.state.dir))
+                if self.drive is not None and self.drive.action.id == state.action.id:
+                    self.drive = None
+                _log_superseded(state.action, why, "closed its journal as aborted")
+
     # ---- the anchor --------------------------------------------------------------------------------------
     async def drive_once(self) -> None:
-        """One round of the anchor's work: decide, certify, run the next step. Called by the daemon's loop."""
+        """One round of this agent's work (the daemon's loop calls it on every agent): let a total loss supersede
+        an unfinished action; then, on the anchor, decide, certify and run the next step."""
         c = self.coordinator
+        await self.supersede()
         now = time.monotonic()
         if not c.election.is_anchor(now) or self.busy:
             self.drive = None if not c.election.is_anchor(now) else self.drive
@@ -568,7 +624,9 @@ class Actions:
 
         await asyncio.gather(*(ask(a.name) for a in self.cfg.peers if a.name not in d.collector.signers))
         d.certificate = d.collector.certificate()
-        adopt = execution.to_adopt(d.fresh, d.certificate is not None, holding, _InHistory(self.history))
+        adopt = execution.to_adopt(
+            d.fresh, d.certificate is not None, holding, _InHistory(self.history, self.superseded)
+        )
         if adopt is not None:
             self._adopt(d, adopt)
             return
@@ -887,14 +945,29 @@ class Actions:
         }
 
 
-class _InHistory:
-    """The ids of the actions in this agent's history, as a container (looked up, never copied)."""
+def _log_superseded(action: Action, why: str, what: str) -> None:
+    log.warning(
+        logs.kv(
+            event="action_superseded",
+            action=action.id,
+            kind=action.kind,
+            target=action.target,
+            done=what,
+            reason=why,
+        )
+    )
 
-    def __init__(self, history: History) -> None:
-        self.history = history
+
+class _InHistory:
+    """The ids of the actions this agent finished (its history) or dropped as superseded, as a container."""
+
+    def __init__(self, history: History, superseded: tuple[str, ...]) -> None:
+        self.history, self.superseded = history, superseded
 
     def __contains__(self, action_id: object) -> bool:
-        return isinstance(action_id, str) and self.history.find(action_id) is not None
+        return isinstance(action_id, str) and (
+            action_id in self.superseded or self.history.find(action_id) is not None
+        )
 
 
 def check_remove(action: Action, host: str, ids: list[int], cls: NodeClass | None) -> str | None:

@@ -7,10 +7,12 @@ daemon's rules instead of a copy of them.
 
 from __future__ import annotations
 
-from collections.abc import Container, Iterable, Mapping, Sequence
+import itertools
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from agent.core import playbooks
+from agent.core import playbooks, restore
+from agent.core.facts import ClusterFacts
 from agent.core.messages import Action, Report, StepReply
 from agent.core.model import NodeClass
 from agent.core.view import NodeView
@@ -21,11 +23,16 @@ __all__ = [
     "FINISH_STEP",
     "RECENT_FINISHED",
     "REJOIN_CLASSES",
+    "SUPERSEDED",
     "TargetDecision",
     "already_finished",
     "ask_progress",
     "done_after",
     "evict_remove_refusal",
+    "finished_ids",
+    "none_serves",
+    "superseded",
+    "superseded_in",
     "target_closes",
     "target_decision",
     "target_position",
@@ -45,6 +52,55 @@ REJOIN_CLASSES = frozenset({NodeClass.STATE_LOST, NodeClass.CORRUPT, NodeClass.E
 """A node's own classes that call for its REJOIN: the target begins one only in these."""
 FAILED = frozenset({NodeClass.UNREACHABLE, NodeClass.STATE_LOST, NodeClass.CORRUPT})
 """Classes of a member that does not serve: minkms writes wait for it, and an EVICT may remove it."""
+_SUPERSEDABLE = frozenset({"REJOIN", "EVICT"})
+_SERVING = frozenset({NodeClass.HEALTHY, NodeClass.DEGRADED})
+SUPERSEDED = "superseded: no node serves; a restore is needed"
+"""The detail an agent records when it closes (or releases) an action that a total loss superseded."""
+
+
+def none_serves(views: Iterable[NodeView]) -> bool:
+    """No node HEALTHY or DEGRADED in these views: the cheap first half of `superseded`, checked before the
+    facts are built (an agent asks which action is unfinished many times a round)."""
+    return not any(v.verdict is not None and v.verdict.cls in _SERVING for v in views)
+
+
+def superseded_in(views: Sequence[NodeView], facts: Callable[[], ClusterFacts]) -> Callable[[Action], bool]:
+    """`unfinished_action`'s `skip`: `superseded` in this agent's facts, built once and only when an action that
+    can be superseded is looked at while no node serves in `views` (no views yet: nothing is skipped)."""
+    built: list[ClusterFacts] = []
+
+    def skip(action: Action) -> bool:
+        if action.kind not in _SUPERSEDABLE or not views or not none_serves(views):
+            return False
+        if not built:
+            built.append(facts())
+        return superseded(action, built[0]) is not None
+
+    return skip
+
+
+def superseded(action: Action, facts: ClusterFacts) -> str | None:
+    """Why a total loss supersedes the unfinished REJOIN or EVICT `action` in this agent's view (None: it does not).
+
+    Such an action can never finish: its cluster steps run through a serving anchor (`anchor-serves`) and no
+    node serves; yet it comes before the RESTORE (the planner resumes it first, its holders ack nothing else).
+    So every agent, each round, closes its journal of it as aborted and releases its ack, and no longer resumes
+    it from a peer's report. Only once `restore.established`: no node serves, and every node's state has been
+    lost (or its loss accepted by an operator) for `restore_after`, the restore's own wait, so that neither a
+    transient nor an agent that is merely cut off or silent ever drops an action a serving anchor still runs.
+    Never a RESTORE. Aborting runs no step: at worst an action is dropped that is proposed again later."""
+    if action.kind not in _SUPERSEDABLE or not restore.established(facts):
+        return None
+    return SUPERSEDED
+
+
+def finished_ids(history: Sequence[str], superseded: Sequence[str]) -> tuple[str, ...]:
+    """The finished ids an agent's reports carry (oldest first): its history's newest, and the actions it dropped
+    as superseded. A holder that only acked has no certificate for a history entry, so it keeps their ids
+    apart; without them an anchor could later resume the dropped action from a lagging report, and a resume
+    skips the rules that licensed its start (found by the simulator: an old REJOIN re-certified after the
+    restore)."""
+    return tuple(dict.fromkeys([*history, *superseded]))[-RECENT_FINISHED:]
 
 
 def unfinished_action(
@@ -52,30 +108,28 @@ def unfinished_action(
     pending: Sequence[Action],
     reports: Iterable[Report],
     finished: Container[str],
+    skip: Callable[[Action], bool] = lambda _action: False,
 ) -> Action | None:
     """The unfinished action an agent must resume before anything else: the one it acked (held), else one its
     journal has open, else one a fresh peer report carries whole that neither this agent (`finished`: its
-    history) nor any fresh report has seen finished.
+    history) nor any fresh report has seen finished; never one `skip` names (`superseded` in this agent's view:
+    it must not come before the RESTORE, even while a peer still reports it or before this agent's round has
+    released and closed it).
 
     Why reported actions: agents that acked an action under an anchor that has gone refuse every other action
     while they hold it; a new anchor that never acked it would otherwise never learn of it, and the cluster
     would be blocked for ever. Why the reports' finished ids too: a holder that missed the end of an action
     still reports it for a while, and an agent that missed the history share (down at the time) would resume
     an action already finished (found by the simulator: a second, needless EVICT remove)."""
-    if held is not None:
-        return held
-    if pending:
-        return pending[0]
     fresh = list(reports)
     done = {i for r in fresh for i in r.finished}
-    return next(
-        (
-            a
-            for r in fresh
-            if (a := r.in_flight_action) is not None and a.id not in finished and a.id not in done
-        ),
-        None,
+    reported = (
+        a
+        for r in fresh
+        if (a := r.in_flight_action) is not None and a.id not in finished and a.id not in done
     )
+    own = ([held] if held is not None else []) + list(pending)
+    return next((a for a in itertools.chain(own, reported) if not skip(a)), None)
 
 
 def target_position(kind: str, step: str, done: Sequence[str]) -> playbooks.Position:

@@ -30,6 +30,7 @@ __all__ = [
     "called_for",
     "choice",
     "command",
+    "established",
     "needed",
     "problem",
     "proposal",
@@ -46,6 +47,25 @@ def needed(facts: ClusterFacts) -> bool:
     """No node serves, and some node's state is lost: only a restore (or a host's return) can end it."""
     nodes = [n.verdict.cls for n in facts.nodes if n.verdict is not None]
     return not any(c in _SERVING for c in nodes) and NodeClass.STATE_LOST in nodes
+
+
+def established(facts: ClusterFacts) -> bool:
+    """A restore is needed, and this agent has positive, lasting evidence that nothing but a restore can end it:
+    every node (witnesses aside) has been STATE_LOST, or named by the operator's active approval
+    (`--accept-loss-of`), for at least `restore_after` on this agent's clock, the wait of an automatic restore.
+
+    Stricter than `needed`, which counts every silent node as not serving: an AGENT_DOWN node's minkms answers
+    (it may serve), an UNREACHABLE one may only be cut off from this agent, and a DOWN, CORRUPT or EVICTED one may
+    hold state; each of them blocks the restore itself (`_blocks`) too."""
+    if not needed(facts):
+        return False
+    approval = active_approval(facts)
+    accept = tuple(approval.accept_loss_of) if approval is not None else ()
+    return all(
+        n.verdict is None
+        or (_blocks(n, facts, accept, False) is None and n.held_seconds >= facts.timings.restore_after)
+        for n in facts.nodes
+    )
 
 
 def called_for(facts: ClusterFacts) -> bool:

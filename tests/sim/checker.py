@@ -230,12 +230,7 @@ class Checker:
         if by is None:
             if not sim.policy.auto_restore:
                 self.fail(f"rule 5: {action.id} certified unarmed (no auto_restore, no operator approval)")
-            needed = sim.cfg.restore_after / (1 + sim.cfg.drift)
-            for name in sim.cfg.node_names:
-                lost = sim.world.nodes[name].lost_at
-                if lost is None or t - lost < needed:
-                    since = "holds state" if lost is None else f"lost {t - lost:.1f}s ago"
-                    self.fail(f"rule 5: automatic {action.id} certified while {name} {since} (restore_after)")
+            self._lost_for_long(f"automatic {action.id} certified")
         elif given is None:
             self.fail(f"rule 5: {action.id} names an approval by {by!r} that no operator gave")
         elif t - given[1] >= APPROVAL_VALIDITY or any(c >= given[1] for _, c in self.restore_certs):
@@ -247,6 +242,28 @@ class Checker:
                 f"rule 5: {action.id} restores {params.get('backup')} (commit {params.get('commit')}) while "
                 f"{fresh.id} (commit {fresh.commit}) is held intact by a live agent"
             )
+
+    def _lost_for_long(self, what: str) -> None:
+        """Every node's state lost for restore_after (real time, less the clock drift), from the world's truth."""
+        sim, t = self.sim, self.sim.t
+        needed = sim.cfg.restore_after / (1 + sim.cfg.drift)
+        for name in sim.cfg.node_names:
+            lost = sim.world.nodes[name].lost_at
+            if lost is None or t - lost < needed:
+                since = "holds state" if lost is None else f"lost {t - lost:.1f}s ago"
+                self.fail(f"rule 5: {what} while {name} {since} (restore_after)")
+
+    def superseded(self, agent: SimAgent, action: Action) -> None:
+        """An agent dropped an unfinished REJOIN or EVICT for a total loss (released its ack or closed its
+        journal): only when, in truth, every node's state has been lost for restore_after (the simulated operator
+        accepts no node's loss). From then on the action counts as finished: no step of it may run again, and
+        it no longer stands in the way of another certificate (rule 2). Checked at the first drop: a later one,
+        by an agent whose view lags (reports take a round to arrive), releases an action that is over already."""
+        if action.kind not in ("REJOIN", "EVICT"):
+            self.fail(f"{agent.name} superseded {action.kind} {action.id}: only a REJOIN or EVICT may be")
+        if action.id not in self.done:
+            self._lost_for_long(f"{agent.name} superseded {action.id}")
+        self.done.add(action.id)
 
     def _no_state_held(self, what: str, target: str, accepted: tuple[str, ...]) -> None:
         world = self.sim.world

@@ -19,6 +19,7 @@ the daemon (time compressed, replies as messages), docs/protocol.md says so ("Wh
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -86,6 +87,7 @@ class HEntry:
     cert: Certificate
     outcome: str
     started_wall: float
+    finished_wall: float
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,7 @@ class Disk:
     max_cert_term: int = 0
     backups: dict[str, Copy] = field(default_factory=dict)  # backup id -> copy (on the host's disk)
     approval: RestoreApproval | None = None  # the newest operator restore approval known (persisted)
+    superseded: list[str] = field(default_factory=list)  # actions dropped for a total loss (the newest ids)
 
 
 @dataclass
@@ -244,7 +247,11 @@ class SimAgent:
 
     def facts(self, anchor: str | None, now: float) -> cf.ClusterFacts:
         """As agent/actions.py builds them: this agent's classes and timers, the anchor's membership, its
-        journal, history, escalations and pause."""
+        journal, history, escalations and pause; the unfinished action chosen in view of the rest."""
+        base = self._facts(anchor, now)
+        return dataclasses.replace(base, unfinished=self._unfinished(lambda: base, now))
+
+    def _facts(self, anchor: str | None, now: float) -> cf.ClusterFacts:
         cfg, world = self.sim.cfg, self.sim.world
         reference = self._reference(now, self._peers()) or {}
         hosts = {n: None if self.sim.is_witness(n) else world.nodes[n].host for n in cfg.node_names}
@@ -256,7 +263,7 @@ class SimAgent:
             anchor=anchor,
             term=self.election.term,
             nodes=nodes,
-            unfinished=self.unfinished(),
+            unfinished=None,
             removed=removed,
             history=tuple(
                 cf.HistoryEntry(e.action.target, e.action.kind, e.started_wall, e.outcome) for e in d.history
@@ -283,17 +290,53 @@ class SimAgent:
         return tuple(held)
 
     def unfinished(self) -> Action | None:
-        d = self.disk
         now = self.clock(self.sim.t)
+        return self._unfinished(lambda: self._facts(None, now), now)
+
+    def _unfinished(self, base: Callable[[], cf.ClusterFacts], now: float) -> Action | None:
+        """agent/actions.py's: held, journaled, or reported, never one a total loss superseded in this view."""
+        d = self.disk
         return execution.unfinished_action(
             d.held.action if d.held is not None else None,
             [j.action for j in d.journal.values() if j.outcome is None],
             self.fresh_reports(now),
-            {e.action.id for e in d.history},
+            self.finished(),
+            skip=execution.superseded_in(self.views, base),
         )
 
+    def remember_superseded(self, action_id: str) -> None:
+        if action_id not in self.disk.superseded:
+            self.disk.superseded = [*self.disk.superseded, action_id][-RECENT_FINISHED:]
+            self.sim.stats["superseded"] += 1
+
+    def supersede(self, now: float) -> None:
+        """agent/actions.py's supersede, each round on every agent: an unfinished REJOIN or EVICT that a total loss
+        superseded in this agent's view has its held ack released and its journal closed as aborted."""
+        d = self.disk
+        if not self.views or not execution.none_serves(self.views):
+            return
+        facts = self._facts(None, now)
+        if d.held is not None and (why := execution.superseded(d.held.action, facts)):
+            self.sim.checker.superseded(self, d.held.action)
+            self.remember_superseded(d.held.action.id)
+            self.sim.note(f"{self.name} releases {d.held.action.id}: {why}")
+            d.held = release(d.held, d.held.action.id)
+        for j in list(d.journal.values()):
+            if j.outcome is None and (why := execution.superseded(j.action, facts)):
+                self.sim.checker.superseded(self, j.action)
+                self.remember_superseded(j.action.id)
+                self.record_finished(j, "aborted")
+                self.sim.note(f"{self.name} closes {j.action.id}: aborted ({why})")
+                if self.drive is not None and self.drive.action.id == j.action.id:
+                    self.drive = None
+
     def finished_ids(self) -> tuple[str, ...]:
-        return tuple(e.action.id for e in self.disk.history[-RECENT_FINISHED:])
+        history = [e.action.id for e in self.disk.history[-RECENT_FINISHED:]]
+        return execution.finished_ids(history, self.disk.superseded)
+
+    def finished(self) -> set[str]:
+        """agent/actions.py's _InHistory: the ids in this agent's history, and those it dropped as superseded."""
+        return {e.action.id for e in self.disk.history} | set(self.disk.superseded)
 
     # -- events ----------------------------------------------------------------------------------------------
 
@@ -304,6 +347,7 @@ class SimAgent:
         sim.touched = self
         now = self.clock(sim.t)
         self.observe(now)
+        self.supersede(now)
         restarting = {r.sender for r in self.fresh_reports(now) if r.restarting}
         eligible = electable(self.views, restarting, self.unfinished())
         view = ElectionView.from_reports(eligible, self.fresh_reports(now))
@@ -471,8 +515,7 @@ class SimAgent:
     def certify(self, d: Drive, now: float) -> None:
         """agent/actions.py's _certify, one round: the replies of the last round have arrived (or never will);
         a fresh proposal refused by holders of a different action gives way to it (`execution.to_adopt`)."""
-        finished = {e.action.id for e in self.disk.history}
-        adopt = execution.to_adopt(d.fresh, d.cert is not None, d.holding, finished)
+        adopt = execution.to_adopt(d.fresh, d.cert is not None, d.holding, self.finished())
         if adopt is not None:
             self.disk.held = Held(adopt, d.term)
             self.drive = None
@@ -663,7 +706,7 @@ class SimAgent:
         j.outcome, j.intent = outcome, None
         entry = next((e for e in self.disk.history if e.action.id == j.action.id), None)
         if entry is None:
-            entry = HEntry(j.action, j.cert, outcome, j.started_wall)
+            entry = HEntry(j.action, j.cert, outcome, j.started_wall, self.wall())
             self.disk.history.append(entry)
         self.disk.held = release(self.disk.held, j.action.id)
         self.sim.checker.finished(self, j.action.id)

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from agent.core import execution
+import dataclasses
+from typing import Any
+
+import pytest
+
+from agent.config import Timings
+from agent.core import execution, restore
 from agent.core.classify import Verdict
-from agent.core.messages import Action, Report, StepReply
+from agent.core.facts import ClusterFacts, NodeFacts
+from agent.core.messages import Action, Report, RestoreApproval, StepReply
 from agent.core.model import NodeClass
 from agent.core.view import NodeView
+from tests.unit.test_guards import WALL, facts, node
 
 REJOIN = Action("rejoin-a1-1-1", "REJOIN", "a1")
 EVICT = Action("evict-a2-1-2", "EVICT", "a2")
@@ -113,3 +121,106 @@ def test_an_anchor_asks_the_target_again_for_a_target_step_it_journaled() -> Non
     assert not ask_progress(rejoin, fence, "a", progress_known=True)  # asked once in this drive: enough
     assert not ask_progress(rejoin, remove, "a", progress_known=False)  # its own step: its journal decides
     assert not ask_progress(Action("restore-a-3-1", "RESTORE", "a"), steps("RESTORE")[0], "a", False)
+
+
+# ---- a total loss supersedes an unfinished REJOIN or EVICT ----------------------------------------------------
+
+LOST = NodeClass.STATE_LOST
+WAIT = Timings().restore_after  # 120 s
+
+
+def _lost(*nodes: NodeFacts, **overrides: Any) -> ClusterFacts:
+    """Agent a's facts: by default every node's state lost for exactly restore_after."""
+    return facts(
+        *(nodes or (node("a", LOST, WAIT), node("b", LOST, WAIT), node("c", LOST, WAIT))), **overrides
+    )
+
+
+def test_a_total_loss_held_for_restore_after_supersedes_a_rejoin_or_an_evict_never_a_restore() -> None:
+    f = _lost()
+    assert execution.superseded(REJOIN, f) == execution.SUPERSEDED
+    assert execution.superseded(EVICT, f) == execution.SUPERSEDED
+    assert execution.superseded(Action("restore-a-1-1", "RESTORE", "a"), f) is None
+
+
+def test_the_wait_is_restore_after_on_every_node_inclusive() -> None:
+    short = _lost(node("a", LOST, WAIT), node("b", LOST, WAIT - 0.1), node("c", LOST, WAIT))
+    assert execution.superseded(REJOIN, short) is None  # a transient, or reports that have not settled
+
+
+@pytest.mark.parametrize("cls", [NodeClass.HEALTHY, NodeClass.DEGRADED])
+def test_never_while_a_node_serves_however_long_the_others_are_lost(cls: NodeClass) -> None:
+    """The anchor of the REJOIN, briefly DEGRADED (or serving again) mid-way: the action stays."""
+    f = _lost(node("a", LOST, 1e6), node("b", LOST, 1e6), node("c", cls, 0.0))
+    assert execution.superseded(REJOIN, f) is None
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [
+        NodeClass.AGENT_DOWN,  # its minkms answers and is a member: it may well serve, its agent is silent
+        NodeClass.UNREACHABLE,  # maybe cut off from this agent only, serving and running the action
+        NodeClass.DOWN,  # it may hold state, and so may serve again
+        NodeClass.CORRUPT,
+        NodeClass.EVICTED,
+        NodeClass.UNKNOWN,
+    ],
+)
+def test_a_node_without_evidence_of_loss_keeps_the_action_though_no_node_serves(cls: NodeClass) -> None:
+    """`restore.needed` counts these as not serving; dropping the action for them would let an agent that merely
+    cannot hear the anchor abort what the anchor still runs. The restore itself is blocked by them too."""
+    f = _lost(node("a", LOST, 1e6), node("b", LOST, 1e6), node("c", cls, 1e6))
+    assert restore.needed(f)
+    assert execution.superseded(REJOIN, f) is None
+    assert execution.superseded(EVICT, f) is None
+
+
+def test_a_node_whose_loss_an_operator_accepted_does_not_keep_it_nor_does_a_witness() -> None:
+    nodes = (
+        node("a", LOST, WAIT),
+        node("b", LOST, WAIT),
+        node("c", NodeClass.UNREACHABLE, WAIT),
+        node("w", None),
+    )
+    approval = RestoreApproval(1, WALL + 600, "op", accept_loss_of=("c",))
+    assert execution.superseded(EVICT, _lost(*nodes, approval=approval)) == execution.SUPERSEDED
+    assert execution.superseded(EVICT, _lost(*nodes)) is None  # without the approval
+    expired = dataclasses.replace(approval, until=WALL)
+    assert execution.superseded(EVICT, _lost(*nodes, approval=expired)) is None
+    recent = (node("a", LOST, WAIT), node("b", LOST, WAIT), node("c", NodeClass.UNREACHABLE, WAIT - 1))
+    assert execution.superseded(EVICT, _lost(*recent, approval=approval)) is None  # the wait holds for it too
+
+
+def test_a_superseded_action_is_skipped_when_choosing_the_unfinished_one() -> None:
+    f = _lost()
+    skip = execution.superseded_in(_views(f), lambda: f)
+    restoring = Action("restore-a-1-1", "RESTORE", "a")
+    reports = [_report("b", REJOIN), _report("c", restoring)]
+    assert execution.unfinished_action(EVICT, [REJOIN], reports, set(), skip) == restoring
+    assert execution.unfinished_action(EVICT, [], [_report("b", REJOIN)], set(), skip) is None
+    serving = _lost(node("a", LOST, WAIT), node("b", NodeClass.HEALTHY, WAIT), node("c", LOST, WAIT))
+    assert (
+        execution.unfinished_action(EVICT, [], [], set(), execution.superseded_in(_views(serving), lambda: f))
+        == EVICT
+    )
+
+
+def test_the_facts_are_built_only_when_something_could_be_superseded() -> None:
+    def never() -> ClusterFacts:
+        raise AssertionError("facts built needlessly")
+
+    serving = _views(_lost(node("a", LOST), node("b", NodeClass.HEALTHY), node("c", LOST)))
+    assert not execution.superseded_in(serving, never)(REJOIN)  # a node serves in the views
+    assert not execution.superseded_in(_views(_lost()), never)(Action("restore-a-1-1", "RESTORE", "a"))
+    assert not execution.superseded_in((), never)(REJOIN)  # no view yet: nothing is skipped
+
+
+def test_reports_carry_the_superseded_ids_beside_the_history() -> None:
+    assert execution.finished_ids(["x", "y"], ["y", "z"]) == ("x", "y", "z")
+    many = [f"h{i}" for i in range(20)]
+    ids = execution.finished_ids(many, ["s"])
+    assert len(ids) == execution.RECENT_FINISHED and ids[-1] == "s"
+
+
+def _views(f: ClusterFacts) -> tuple[NodeView, ...]:
+    return tuple(NodeView(n.name, n.verdict, None, None) for n in f.nodes)
