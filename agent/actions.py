@@ -625,7 +625,11 @@ class Actions:
         await asyncio.gather(*(ask(a.name) for a in self.cfg.peers if a.name not in d.collector.signers))
         d.certificate = d.collector.certificate()
         adopt = execution.to_adopt(
-            d.fresh, d.certificate is not None, holding, _InHistory(self.history, self.superseded)
+            d.fresh,
+            d.certificate is not None,
+            holding,
+            _InHistory(self.history, self.superseded),
+            self.cfg.quorum,
         )
         if adopt is not None:
             self._adopt(d, adopt)
@@ -646,7 +650,7 @@ class Actions:
             )
 
     def _adopt(self, d: Drive, action: Action) -> None:
-        """Adopt a held action instead of our fresh proposal (`execution.to_adopt`): from the next round the
+        """Adopt a held action instead of our proposal (`execution.to_adopt`): from the next round the
         planner resumes it, re-certified in this term, each agent judging it by its own view."""
         self._save_held(Held(action, d.term))
         self.drive = None

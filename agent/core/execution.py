@@ -8,6 +8,7 @@ daemon's rules instead of a copy of them.
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -248,7 +249,11 @@ def writes_wait_for(action: Action, views: Iterable[NodeView]) -> tuple[str, ...
 
 
 def to_adopt(
-    fresh: bool, certified: bool, holding: Mapping[str, Action], finished: Container[str] = ()
+    fresh: bool,
+    certified: bool,
+    holding: Mapping[str, Action],
+    finished: Container[str] = (),
+    quorum: int | None = None,
 ) -> Action | None:
     """The held action a new anchor adopts instead of its own uncertified proposal, or None.
 
@@ -257,11 +262,20 @@ def to_adopt(
     nobody else acked the fresh proposal and only this anchor collects its acks, so dropping it is safe.
     Never one in `finished` (this anchor's history): a refuser that missed its end still holds it, and
     adopting it would hold it again here for ever (found by the simulator: an anchor re-adopted the EVICT it
-    had just closed, and nothing moved again; the refuser releases it from the reports' finished ids)."""
-    if not fresh or certified:
+    had just closed, and nothing moved again; the refuser releases it from the reports' finished ids).
+
+    A resumed action gives way too, but only to an action that `quorum` refusers hold: every certified,
+    unfinished action is held by a quorum (holds are fsynced and released only when it finished) and no agent
+    holds two, so ours was never certified and nothing of it ran (found by the simulator, seed 1013: an anchor
+    cut off during its proposal later resumed it for ever, while the others held a half-done REJOIN)."""
+    if certified:
         return None
     unfinished = sorted((name, a) for name, a in holding.items() if a.id not in finished)
-    return unfinished[0][1] if unfinished else None
+    if fresh:
+        return unfinished[0][1] if unfinished else None
+    counts = Counter(a for _, a in unfinished)
+    best = max(counts.items(), key=lambda item: (item[1], item[0].id), default=None)
+    return best[0] if best is not None and quorum is not None and best[1] >= quorum else None
 
 
 def target_closes(action: Action | None, me: str, done: Sequence[str]) -> bool:

@@ -514,8 +514,10 @@ class SimAgent:
 
     def certify(self, d: Drive, now: float) -> None:
         """agent/actions.py's _certify, one round: the replies of the last round have arrived (or never will);
-        a fresh proposal refused by holders of a different action gives way to it (`execution.to_adopt`)."""
-        adopt = execution.to_adopt(d.fresh, d.cert is not None, d.holding, self.finished())
+        a proposal refused by holders of a different action gives way to it (`execution.to_adopt`)."""
+        adopt = execution.to_adopt(
+            d.fresh, d.cert is not None, d.holding, self.finished(), quorum(self.sim.cfg.agents)
+        )
         if adopt is not None:
             self.disk.held = Held(adopt, d.term)
             self.drive = None

@@ -224,3 +224,18 @@ def test_reports_carry_the_superseded_ids_beside_the_history() -> None:
 
 def _views(f: ClusterFacts) -> tuple[NodeView, ...]:
     return tuple(NodeView(n.name, n.verdict, None, None) for n in f.nodes)
+
+
+def test_a_resumed_action_gives_way_only_to_one_a_quorum_holds() -> None:
+    """Every certified unfinished action is held by a quorum, and no agent holds two: a quorum holding another
+    one shows ours was never certified (seed 1013)."""
+    from agent.core.execution import to_adopt
+    from agent.core.messages import Action
+
+    other = Action("rejoin-c-2-1", "REJOIN", "c")
+    assert to_adopt(False, False, {"b": other}, (), quorum=2) is None  # one refuser: ours may be certified
+    assert to_adopt(False, False, {"b": other, "c": other}, (), quorum=2) == other
+    assert to_adopt(False, True, {"b": other, "c": other}, (), quorum=2) is None  # ours is certified now
+    assert to_adopt(False, False, {"b": other, "c": other}, {other.id}, quorum=2) is None  # finished here
+    split = {"b": other, "c": Action("evict-d-2-1", "EVICT", "d")}
+    assert to_adopt(False, False, split, (), quorum=2) is None
