@@ -46,7 +46,14 @@ def demo(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
         stderr=subprocess.STDOUT,
         text=True,
         env=env,
+        # As an operator's shell starts it: Ctrl-C delivered. A runner started in the background (`cmd &` in a
+        # script) ignores SIGINT, its children inherit that, and Python then installs no KeyboardInterrupt.
+        preexec_fn=_default_sigint,
     )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def finish(proc: subprocess.Popen[str]) -> str:
