@@ -435,7 +435,7 @@ class Actions:
     def _backup_of(self, action: Action) -> BackupInfo:
         """The catalogue entry of the backup a RESTORE names (its id, sha256 and commit are signed into it)."""
         params = dict(action.params)
-        for _, held in self.facts(anchor=None).backups:
+        for _, held in self._holdings(time.monotonic()):
             for b in held:
                 if (b.id, b.sha256, str(b.commit)) == (
                     params.get("backup"),
@@ -467,7 +467,7 @@ class Actions:
                 return f"local copy of {want.id} is intact"
             log.error(logs.kv(event="backup_copy_corrupt", backup=want.id, detail=detail))
         errors = []
-        for name, held in self.facts(anchor=None).backups:
+        for name, held in self._holdings(time.monotonic()):
             spec = self.cfg.agent(name)
             if name == self.cfg.name or spec is None or want not in held:
                 continue

@@ -18,6 +18,8 @@ import contextlib
 import os
 import re
 import shutil
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -117,6 +119,16 @@ def crash_lab(
 
 
 # ---- what the agents say ------------------------------------------------------------------------------------
+
+
+def kmagent(lab: Lab, node: LabNode, *args: str) -> subprocess.CompletedProcess[str]:
+    """The `kmagent` command of `node`'s agent, as an operator on that host runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", "--config", str(lab.agent_config(node)), *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
 
 
 def status(lab: Lab, node: LabNode) -> dict[str, Any]:

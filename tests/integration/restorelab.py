@@ -3,20 +3,8 @@ every node's storage wiped, the RESTOREs the agents recorded, and a rebuilt clus
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 from emulator.lab.lab import Lab, LabNode, wait_for
-from tests.integration.crashlab import history, status
-
-
-def kmagent(lab: Lab, node: LabNode, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "agent.cli", "--config", str(lab.agent_config(node)), *args],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+from tests.integration.crashlab import history, kmagent, status
 
 
 def held(lab: Lab, node: LabNode) -> list[str]:

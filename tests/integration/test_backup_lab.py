@@ -5,8 +5,6 @@ catching up. Backups every few seconds, keep 2."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ import pytest
 from agent.io.control import DaemonNotRunning, call
 from emulator.lab.lab import Lab, LabNode, wait_for
 from emulator.lab.workload import create_keys
+from tests.integration.crashlab import kmagent
 from tests.integration.test_election_lab import one_anchor_followed_by_all
 
 INTERVAL = 6  # seconds between scheduled backups
@@ -34,15 +33,6 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
     )
     yield lab
     lab.down()
-
-
-def kmagent(lab: Lab, node: LabNode, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "agent.cli", "--config", str(lab.agent_config(node)), *args],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
 
 
 def backups(lab: Lab, node: LabNode) -> dict[str, Any]:

@@ -3,8 +3,6 @@ quorum must agree, and a refusal names the rule."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +11,7 @@ import pytest
 
 from agent.io.control import call
 from emulator.lab.lab import Lab, LabNode, wait_for
+from tests.integration.crashlab import kmagent
 from tests.integration.test_election_lab import one_anchor_followed_by_all
 
 
@@ -25,15 +24,6 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
     )
     yield lab
     lab.down()
-
-
-def kmagent(lab: Lab, node: LabNode, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "agent.cli", "--config", str(lab.agent_config(node)), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def status(lab: Lab, node: LabNode) -> dict[str, Any]:

@@ -14,10 +14,9 @@ import pytest
 
 from emulator.lab.lab import Lab, LabNode, wait_for
 from emulator.lab.workload import DataKey, create_keys, verify_keys
-from tests.integration.crashlab import history, needs_nft, status
+from tests.integration.crashlab import history, kmagent, needs_nft, status
 from tests.integration.restorelab import (
     backup_everywhere,
-    kmagent,
     rebuilt,
     restored_from,
     restores,

@@ -42,34 +42,12 @@ def test_verify_reports_nothing(tmp_path: Path) -> None:
     launcher.parent.mkdir(parents=True)
     launcher.write_text("#!/bin/sh\n")
     launcher.chmod(0o755)
-    proc = subprocess.run(
-        [
-            "systemd-analyze",
-            "verify",
-            "--man=no",
-            f"--root={tmp_path}",
-            "/usr/lib/systemd/system/kmagent.service",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = _verify(tmp_path)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
 
     # The check is not blind: a misspelt key is reported.
     (units / "kmagent.service").write_text(UNIT.read_text().replace("WatchdogSec=", "WatchdogSecs="))
-    proc = subprocess.run(
-        [
-            "systemd-analyze",
-            "verify",
-            "--man=no",
-            f"--root={tmp_path}",
-            "/usr/lib/systemd/system/kmagent.service",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = _verify(tmp_path)
     assert "Unknown key 'WatchdogSecs'" in proc.stderr
 
 
@@ -126,3 +104,19 @@ def test_sandbox_keeps_what_the_agent_needs() -> None:
 def test_preflight_drop_in_runs_the_installed_command() -> None:
     text = (ROOT / "systemd/minkms.service.d/kmagent-preflight.conf").read_text()
     assert "ExecStartPre=+/usr/bin/kmagent preflight" in text.splitlines()
+
+
+def _verify(root: Path) -> subprocess.CompletedProcess[str]:
+    """`systemd-analyze verify` of the unit installed under `root` (it exits 0 even on typos: read stderr)."""
+    return subprocess.run(
+        [
+            "systemd-analyze",
+            "verify",
+            "--man=no",
+            f"--root={root}",
+            "/usr/lib/systemd/system/kmagent.service",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
