@@ -34,6 +34,7 @@ from agent.core.view import (
     classify_cluster,
     electable,
     fresh_report,
+    reference_commit,
     reference_membership,
     report_age,
 )
@@ -295,13 +296,25 @@ class Coordinator:
         peers = {name: link.state for name, link in self.links.items()}
         return reference_membership(self.election.anchor_hint(now), self.cfg.name, self.own, peers)
 
+    def reference_commit(self, now: float) -> int | None:
+        """The commit at which the anchor's minkms reported that membership (how new it is)."""
+        peers = {name: link.state for name, link in self.links.items()}
+        return reference_commit(self.election.anchor_hint(now), self.cfg.name, self.own, peers)
+
     def tick(self, own: NodeReport | None, now: float) -> None:
         """One coordination round: classify, elect, and send what is due. Never waits for a peer."""
         self.own = own
         peers = {name: link.state for name, link in self.links.items()}
         timeout = self.cfg.timings.peer_timeout
         self.views = classify_cluster(
-            self.members, self.cfg.name, own, peers, self.reference(now), now, timeout
+            self.members,
+            self.cfg.name,
+            own,
+            peers,
+            self.reference(now),
+            now,
+            timeout,
+            self.reference_commit(now),
         )
         for v in self.views:
             if v.verdict is not None:

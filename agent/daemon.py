@@ -162,7 +162,11 @@ class Agent:
     def decide(self, obs: Observation) -> Verdict:
         reference = self.coordinator.reference(obs.at)
         verdict = classify_local(
-            obs, self.my_host, reference, Thresholds(self.cfg.timings.crash_loop_restarts)
+            obs,
+            self.my_host,
+            reference,
+            Thresholds(self.cfg.timings.crash_loop_restarts),
+            self.coordinator.reference_commit(obs.at),
         )
         previous = self.tracked.verdict.cls if self.tracked else None
         self.tracked = track(self.tracked, verdict, obs.at)

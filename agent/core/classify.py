@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 
+from agent.core.messages import NodeReport
 from agent.core.model import MarkerState, NodeClass, NodeStatus, Observation, ServiceState
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "classify_local",
     "classify_peer",
     "held_for",
+    "lists_itself_later",
     "prune_samples",
     "restarts_within",
     "track",
@@ -57,11 +59,13 @@ def classify_local(
     my_host: str,
     reference: Mapping[int, str] | None,
     thresholds: Thresholds,
+    reference_commit: int | None = None,
 ) -> Verdict:
     """Classify this agent's own node; the rules of DESIGN §3 in precedence order, first match wins.
 
     `reference` is the anchor's membership (node id -> host); None (or empty, which no real cluster reports)
-    means no anchor is known, and the local node's own member list stands in for it.
+    means no anchor is known, and the local node's own member list stands in for it. `reference_commit` is the
+    anchor's commit when it read that membership (see `lists_itself_later`).
     """
     local = obs.minkms.node_by_host(my_host)
     cluster_error = obs.minkms.error
@@ -103,6 +107,8 @@ def classify_local(
 
     # 4. EVICTED: live, but the membership does not list this host. Unknown membership is not evidence.
     members, whose = _membership(reference, local)
+    if local is not None and lists_itself_later(local, my_host, reference, reference_commit):
+        members, whose = dict(local.members), "its own"
     if members is not None and my_host not in members.values():
         return Verdict(NodeClass.EVICTED, f"not in {whose} membership")
 
@@ -164,6 +170,33 @@ def _state_lost(
     return (
         f"minkms is node {local.node_id} of a 1-node cluster, "
         f"but the cluster knows this host as node {known_as[0]} of {len(reference)}"
+    )
+
+
+def lists_itself_later(
+    node: NodeStatus | NodeReport,
+    host: str | None,
+    reference: Mapping[int, str] | None,
+    reference_commit: int | None,
+) -> bool:
+    """The node's own minkms shows it just added to the reference cluster, at a commit past the reference's.
+
+    The anchor's membership reaches the others a probe round and a report late, so a node just added sees itself
+    a member before the anchor's report says so; without this, a freshly rejoined node would look EVICTED for a
+    few seconds (seen in the crash lab). The later view wins only when it is the reference plus this node, under
+    a leader the reference lists, at a later commit (membership changes are committed entries; ties go to the
+    reference). A node removed while it listened is told and no longer lists itself; one cut off has an older
+    commit or no leader; a node of an older cluster replaced by a restore has no leader the new one lists.
+    """
+    if not reference or host is None or node.commit is None or reference_commit is None:
+        return False
+    members = dict(node.members)
+    return (
+        node.commit > reference_commit
+        and host in members.values()
+        and host not in reference.values()
+        and all(members.get(i) == h for i, h in reference.items())
+        and node.leader_id in reference
     )
 
 

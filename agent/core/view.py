@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from agent.core.classify import PeerEvidence, Verdict, classify_peer
+from agent.core.classify import PeerEvidence, Verdict, classify_peer, lists_itself_later
 from agent.core.messages import Action, NodeReport, Report
 from agent.core.model import NodeClass
 
@@ -56,20 +56,33 @@ def fresh_report(peer: PeerState, now: float, peer_timeout: float) -> Report | N
     return peer.report if age is not None and age <= peer_timeout else None
 
 
+def _anchor_node(
+    anchor: str | None, me: str, own: NodeReport | None, peers: Mapping[str, PeerState]
+) -> NodeReport | None:
+    if anchor is None:
+        return None
+    if anchor == me:
+        return own
+    report = peers[anchor].report if anchor in peers else None
+    return report.node if report is not None else None
+
+
 def reference_membership(
     anchor: str | None, me: str, own: NodeReport | None, peers: Mapping[str, PeerState]
 ) -> dict[int, str] | None:
     """The cluster's membership: the one the anchor's minkms reports (DESIGN §3), None without an anchor."""
-    if anchor is None:
-        return None
-    if anchor == me:
-        node = own
-    else:
-        report = peers[anchor].report if anchor in peers else None
-        node = report.node if report is not None else None
+    node = _anchor_node(anchor, me, own, peers)
     if node is None or not node.members:
         return None
     return dict(node.members)
+
+
+def reference_commit(
+    anchor: str | None, me: str, own: NodeReport | None, peers: Mapping[str, PeerState]
+) -> int | None:
+    """The commit the anchor's minkms had applied when it read that membership: how new the reference is."""
+    node = _anchor_node(anchor, me, own, peers)
+    return node.commit if node is not None and node.members else None
 
 
 def classify_cluster(
@@ -80,6 +93,7 @@ def classify_cluster(
     reference: Mapping[int, str] | None,
     now: float,
     peer_timeout: float,
+    reference_commit: int | None = None,
 ) -> tuple[NodeView, ...]:
     """One NodeView per configured agent, in config order. This agent's own verdict is taken as reported."""
     views = []
@@ -94,7 +108,11 @@ def classify_cluster(
             views.append(NodeView(m.name, None, report_age(peer, now), node))
             continue
         reported = _reported_verdict(node)
-        in_reference = reference is None or m.minkms_host in reference.values()
+        in_reference = (
+            reference is None
+            or m.minkms_host in reference.values()
+            or (node is not None and lists_itself_later(node, m.minkms_host, reference, reference_commit))
+        )
         evidence = PeerEvidence(report_age(peer, now), reported, peer.minkms_live, in_reference)
         views.append(NodeView(m.name, classify_peer(evidence, peer_timeout), report_age(peer, now), node))
     return tuple(views)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -288,11 +289,19 @@ def test_a_new_leader_is_elected_when_the_leader_dies(lab3: Lab) -> None:
 def test_restart_restarts_nodes_in_place(lab3: Lab) -> None:
     n1, n2, _ = lab3.nodes()
     pid = lab3.programs()[n2.name]["pid"]
-    uptime = float(own(stat(lab3, n2), n2)["uptime"].rstrip("s"))
+
+    def started_between() -> tuple[float, float]:
+        """When n2's server started, on this clock: bounds, since a CLI call takes a while (longer on Debian's
+        stack, where comparing bare uptimes once failed: a restart seen late looked older than a fresh start)."""
+        before = time.monotonic()
+        uptime = float(own(stat(lab3, n2), n2)["uptime"].rstrip("s"))
+        return before - uptime, time.monotonic() - uptime
+
+    _, first_start_latest = started_between()
     lab3.minkms("restart", n2.endpoint, node=n1)
 
     def restarted() -> bool:
-        return float(own(stat(lab3, n2), n2)["uptime"].rstrip("s")) < uptime
+        return started_between()[0] > first_start_latest
 
     wait_for(restarted, 20, "the node to restart")
     assert lab3.programs()[n2.name]["pid"] == pid  # re-exec in place, as a service manager sees it

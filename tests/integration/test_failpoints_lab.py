@@ -76,7 +76,8 @@ def crash_and_heal(lab: Lab, crashes: Crashes, keys: list[DataKey], role: str, *
 
     # Healed: the target HEALTHY and a member of a 3-member cluster that accepts writes (quiet), nothing lost.
     assert verify_keys(lab, keys) == []
-    assert lab.agent_view(target)["class"] == "HEALTHY"
+    own = lab.agent_view(target)
+    assert own["class"] == "HEALTHY", f"after {what}: the target says {own}"
 
     check_histories(lab)
     check_proposals(lab, {"REJOIN": "STATE_LOST"})

@@ -359,6 +359,49 @@ def test_classify_local(
     assert v.reason and "\n" not in v.reason
 
 
+def committed(members: Mapping[int, str], commit: int, node_id: int = 2, leader: int = 0) -> MinkmsView:
+    """The local view: this host as `node_id` with `members` under `leader`, at `commit`."""
+    pairs = tuple(sorted(members.items()))
+    return MinkmsView(nodes_up=(NodeStatus(node_id, ME, "Follower", commit, leader, pairs),))
+
+
+@pytest.mark.parametrize(
+    ("local_view", "ref_commit", "expected", "needle"),
+    [
+        # just added: minkms lists this host at a later commit than the anchor's lagging report
+        (committed(REF3, 12), 10, C.HEALTHY, "a member"),
+        (committed(REF3, 10), 10, C.EVICTED, "the cluster's membership"),  # a tie goes to the reference
+        (committed(REF3, 9), 10, C.EVICTED, "the cluster's membership"),  # missed its own removal
+        (committed(REF3, 12), None, C.EVICTED, "the cluster's membership"),  # nothing to order by
+        (
+            committed(REF1_ME, 12, node_id=0),
+            10,
+            C.EVICTED,
+            "the cluster's membership",
+        ),  # alone proves nothing
+        (committed(REF_WITHOUT_ME, 12), 10, C.EVICTED, "membership"),  # its own list leaves it out
+        (
+            committed(REF3, 12, leader=-1),
+            10,
+            C.EVICTED,
+            "membership",
+        ),  # no leader: cut off, or an old cluster
+        (
+            committed(REF3, 12, leader=2),
+            10,
+            C.EVICTED,
+            "membership",
+        ),  # led by itself, which the cluster dropped
+        (committed({0: A, 5: B, 2: ME}, 12), 10, C.EVICTED, "membership"),  # not the cluster plus this node
+    ],
+)
+def test_a_later_local_membership_beats_a_lagging_reference(
+    local_view: MinkmsView, ref_commit: int | None, expected: NodeClass, needle: str
+) -> None:
+    v = classify_local(obs(minkms=local_view), ME, REF_WITHOUT_ME, Thresholds(), ref_commit)
+    assert v.cls is expected and needle in v.reason
+
+
 def test_healthy_reason_is_exact() -> None:
     assert local(obs()) == Verdict(C.HEALTHY, "live, ready, a member, storage ok")
 

@@ -12,6 +12,7 @@ from agent.core.view import (
     anchor_candidates,
     classify_cluster,
     fresh_report,
+    reference_commit,
     reference_membership,
 )
 
@@ -62,6 +63,28 @@ def test_a_peer_missing_from_the_anchors_membership_is_evicted() -> None:
     assert views[2].verdict is not None and views[2].verdict.cls is NodeClass.EVICTED
 
 
+@pytest.mark.parametrize(
+    ("c_commit", "c_members", "expected"),
+    [
+        (12, FULL, NodeClass.HEALTHY),  # c lists itself at a later commit: the anchor's report is older news
+        (10, FULL, NodeClass.EVICTED),  # the same commit: the reference wins the tie
+        (9, FULL, NodeClass.EVICTED),  # c is behind: it missed its own removal
+        (None, FULL, NodeClass.EVICTED),  # no commit: nothing to order by
+        (12, FULL[:2], NodeClass.EVICTED),  # c no longer lists itself (it was told)
+        (12, FULL[2:], NodeClass.EVICTED),  # c alone: a 1-node cluster proves nothing
+    ],
+)
+def test_a_newer_membership_of_a_peer_beats_a_lagging_reference(
+    c_commit: int | None, c_members: tuple[tuple[int, str], ...], expected: NodeClass
+) -> None:
+    """A node just added sees itself a member before the anchor's next report says so (seen in the crash lab:
+    a freshly rejoined node flickered EVICTED); commits order the two views."""
+    c = node(commit=c_commit, host=MEMBERS[2].minkms_host or "", members=c_members)
+    reference = dict(FULL[:2])
+    views = classify_cluster(MEMBERS, "a", node(), {"c": peer(c)}, reference, 100.0, 3.0, reference_commit=10)
+    assert views[2].verdict is not None and views[2].verdict.cls is expected
+
+
 def test_witness_has_no_verdict_but_its_report_age() -> None:
     members = (*MEMBERS[:2], Member("w", None))
     views = classify_cluster(members, "a", node(), {"w": peer(None, received_at=98.0)}, None, 100.0, 3.0)
@@ -75,6 +98,9 @@ def test_reference_membership_is_the_anchors() -> None:
     assert reference_membership("a", "a", own, peers) == dict(FULL[:1])
     assert reference_membership(None, "a", own, peers) is None
     assert reference_membership("c", "a", own, peers) is None  # no report from the anchor yet
+    assert reference_commit("b", "a", own, peers) == 10
+    assert reference_commit("c", "a", own, peers) is None
+    assert reference_commit("b", "a", own, {"b": PeerState(report("b", node(members=())), 99.0)}) is None
 
 
 def view(name: str, cls: str, commit: int | None, role: str = "Follower"):
