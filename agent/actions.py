@@ -184,6 +184,11 @@ class Actions:
             skip=execution.superseded_in(self.coordinator.views, base),
         )
 
+    def awaiting_mark(self) -> bool:
+        """This node's own REJOIN started it fresh and has not marked it yet (see `execution.awaiting_mark`)."""
+        pending = [(s.action, s.progress.done) for s in self.journal.state().unfinished()]
+        return execution.awaiting_mark(self.cfg.name, pending)
+
     def finished_ids(self) -> tuple[str, ...]:
         history = [e.action.id for e in self.history.entries(limit=RECENT_FINISHED)]
         return execution.finished_ids(history, self.superseded)
@@ -506,22 +511,32 @@ class Actions:
             return
         async with self.lock:
             facts = self._facts(None, time.monotonic())
-            if self.held is not None and (why := execution.superseded(self.held.action, facts)):
-                action = self.held.action
-                self._remember_superseded(action.id)
-                self._save_held(release(self.held, action.id))
-                _log_superseded(action, why, "released the held ack")
-            for state in self.journal.state().unfinished():
-                why = execution.superseded(state.action, facts)
-                if why is None:
-                    continue
-                self._remember_superseded(state.action.id)
-                close_action(self.journal, self.history, state.action.id, "aborted", why, ())
-                if state.action.target == self.cfg.name:
-                    revoke_fresh_start(Path(self.cfg.state.dir))
-                if self.drive is not None and self.drive.action.id == state.action.id:
-                    self.drive = None
-                _log_superseded(state.action, why, "closed its journal as aborted")
+            held = [self.held.action] if self.held is not None else []
+            pending = {
+                a.id: a for a in [*held, *(state.action for state in self.journal.state().unfinished())]
+            }
+            for action in pending.values():
+                if why := execution.superseded(action, facts):
+                    self._drop(action, why)
+
+    def _drop(self, action: Action, why: str) -> None:
+        """Never resume nor adopt `action` again: remembered as superseded (reports carry its id, which releases
+        every holder), our held ack released, our journal of it closed as aborted. Runs no step. Under the lock."""
+        self._remember_superseded(action.id)
+        if self.held is not None and self.held.action.id == action.id:
+            self._save_held(release(self.held, action.id))
+        state = self.journal.state().get(action.id)
+        if state is not None and not state.finished:
+            close_action(self.journal, self.history, action.id, "aborted", why, ())
+            if action.target == self.cfg.name:
+                revoke_fresh_start(Path(self.cfg.state.dir))
+        if self.drive is not None and self.drive.action.id == action.id:
+            self.drive = None
+        log.warning(
+            logs.kv(
+                event="action_dropped", action=action.id, kind=action.kind, target=action.target, reason=why
+            )
+        )
 
     # ---- the anchor --------------------------------------------------------------------------------------
     async def drive_once(self) -> None:
@@ -534,10 +549,36 @@ class Actions:
             self.drive = None if not c.election.is_anchor(now) else self.drive
             return
         facts = self.facts(anchor=self.cfg.name, now=now)
+        own = facts.node(self.cfg.name)
+        own_class = own.verdict.cls if own is not None and own.verdict is not None else None
+        if facts.unfinished is not None and (
+            why := execution.dropped_by_target(facts.unfinished, self.cfg.name, own_class)
+        ):
+            async with self.lock:
+                self._drop(facts.unfinished, why)
+            return
         mine = self.journal.state().get(facts.unfinished.id) if facts.unfinished is not None else None
-        if mine is not None and execution.target_closes(facts.unfinished, self.cfg.name, mine.progress.done):
+        remaining = (
+            execution.target_closes(facts.unfinished, self.cfg.name, mine.progress.done, own_class)
+            if mine is not None
+            else None
+        )
+        if mine is not None and remaining is not None:
             self.busy = True
             try:
+                for step_name in remaining:
+                    async with self.lock:
+                        reply = await self._target_step(mine.certificate, step_name)
+                    if not reply.ok:
+                        log.warning(
+                            logs.kv(
+                                event="self_close_waits",
+                                action=mine.action.id,
+                                step=step_name,
+                                detail=reply.detail,
+                            )
+                        )
+                        return
                 detail = (
                     "closed by its target, anchor now: every step of its own done, a HEALTHY member again"
                 )
@@ -947,19 +988,6 @@ class Actions:
             ),
             "escalated": sorted(self.escalated),
         }
-
-
-def _log_superseded(action: Action, why: str, what: str) -> None:
-    log.warning(
-        logs.kv(
-            event="action_superseded",
-            action=action.id,
-            kind=action.kind,
-            target=action.target,
-            done=what,
-            reason=why,
-        )
-    )
 
 
 class _InHistory:

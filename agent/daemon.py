@@ -167,6 +167,9 @@ class Agent:
             reference,
             Thresholds(self.cfg.timings.crash_loop_restarts),
             self.coordinator.reference_commit(obs.at),
+            awaiting_mark=actions.awaiting_mark()
+            if (actions := self.coordinator.actions) is not None
+            else False,
         )
         previous = self.tracked.verdict.cls if self.tracked else None
         self.tracked = track(self.tracked, verdict, obs.at)

@@ -60,18 +60,20 @@ def classify_local(
     reference: Mapping[int, str] | None,
     thresholds: Thresholds,
     reference_commit: int | None = None,
+    awaiting_mark: bool = False,
 ) -> Verdict:
     """Classify this agent's own node; the rules of DESIGN §3 in precedence order, first match wins.
 
     `reference` is the anchor's membership (node id -> host); None (or empty, which no real cluster reports)
     means no anchor is known, and the local node's own member list stands in for it. `reference_commit` is the
-    anchor's commit when it read that membership (see `lists_itself_later`).
+    anchor's commit when it read that membership (see `lists_itself_later`). `awaiting_mark`: this node is the
+    target of its own unfinished REJOIN whose `start` is done and whose `mark` is not (see `_state_lost`).
     """
     local = obs.minkms.node_by_host(my_host)
     cluster_error = obs.minkms.error
 
     # 1. STATE_LOST: the state this node should hold is gone or is not ours.
-    lost = _state_lost(obs, my_host, local, reference)
+    lost = _state_lost(obs, my_host, local, reference, awaiting_mark)
     if lost is not None:
         return Verdict(NodeClass.STATE_LOST, lost)
 
@@ -152,11 +154,18 @@ def _state_lost(
     my_host: str,
     local: NodeStatus | None,
     reference: Mapping[int, str] | None,
+    awaiting_mark: bool = False,
 ) -> str | None:
-    """Why this node's state is lost or foreign, or None; the only class that licenses a REJOIN of a live node."""
+    """Why this node's state is lost or foreign, or None; the only class that licenses a REJOIN of a live node.
+
+    A missing marker means a replaced volume, except on a node its own REJOIN has started fresh and added (it is
+    a member of a cluster of two or more again) but not yet marked: that state is the cluster's, copied by the
+    join, and the marker comes at `mark`. Called lost, a crash before `mark` followed by the loss of every other
+    node would have had it quarantined and the cluster restored from an older backup (simulator seed 1731)."""
     if obs.storage.empty:
         return "storage path is empty"
-    if obs.storage.marker is MarkerState.MISSING:
+    joined = local is not None and len(local.members) >= 2 and my_host in dict(local.members).values()
+    if obs.storage.marker is MarkerState.MISSING and not (awaiting_mark and joined):
         return "identity marker is missing: the volume was replaced"
     if obs.storage.marker is MarkerState.MISMATCH:
         return "identity marker names another cluster or host: a wrong or replaced volume"

@@ -28,7 +28,9 @@ __all__ = [
     "TargetDecision",
     "already_finished",
     "ask_progress",
+    "awaiting_mark",
     "done_after",
+    "dropped_by_target",
     "evict_remove_refusal",
     "finished_ids",
     "none_serves",
@@ -93,6 +95,31 @@ def superseded(action: Action, facts: ClusterFacts) -> str | None:
     if action.kind not in _SUPERSEDABLE or not restore.established(facts):
         return None
     return SUPERSEDED
+
+
+def awaiting_mark(me: str, pending: Iterable[tuple[Action, Sequence[str]]]) -> bool:
+    """`me` is the target of its own unfinished REJOIN (action, target steps done) that started it fresh and has
+    not marked it yet: a missing marker is then expected, not a replaced volume (`classify._state_lost`)."""
+    return any(
+        a.kind == "REJOIN" and a.target == me and "start" in done and "mark" not in done
+        for a, done in pending
+    )
+
+
+def dropped_by_target(action: Action | None, me: str, own_class: NodeClass | None) -> str | None:
+    """Why the anchor drops the unfinished EVICT of its own node (None: it does not).
+
+    Proposed while this node was unreachable and never finished, it still comes first for its holders, who ack
+    nothing else; yet no anchor acts on itself (not-the-anchor), so when its target is the anchor nothing ever
+    moves again (simulator seed 1532: the survivor that came back led, the two lost nodes were never rejoined).
+    The anchor drops it like a superseded action: its reports' finished ids release every holder. Safe: a node
+    that serves and leads was not removed (its remove never ran), and one resumed later still re-checks the
+    target's class before its remove (`evict_remove_refusal`)."""
+    if action is None or action.kind != "EVICT" or action.target != me:
+        return None
+    if own_class not in (NodeClass.HEALTHY, NodeClass.DEGRADED):
+        return None
+    return f"an EVICT of the anchor's own node, which serves ({own_class}): no anchor acts on itself"
 
 
 def finished_ids(history: Sequence[str], superseded: Sequence[str]) -> tuple[str, ...]:
@@ -278,13 +305,21 @@ def to_adopt(
     return best[0] if best is not None and quorum is not None and best[1] >= quorum else None
 
 
-def target_closes(action: Action | None, me: str, done: Sequence[str]) -> bool:
-    """True when `me`, holding the lease, is the target of the unfinished `action` and has journaled every one of
-    its own steps: it then closes the action itself, done. No one else can: no anchor acts on itself
-    (not-the-anchor), and while it is the only eligible anchor no other can take over. Its steps done and the
-    lease held (only a HEALTHY member is eligible) show what the remaining anchor steps were for, the node a
-    member again with its state; its journal holds the certificate the history entry needs."""
-    if action is None or action.target != me:
-        return False
+def target_closes(
+    action: Action | None, me: str, done: Sequence[str], own_class: NodeClass | None
+) -> tuple[str, ...] | None:
+    """When `me`, holding the lease, is the target of the unfinished `action`: the own steps it must still run
+    before it closes the action itself, done; None when it may not close it.
+
+    No one else can close it: no anchor acts on itself (not-the-anchor), and while it is the only eligible anchor
+    no other can take over. Its fence, quarantine and start done and its node HEALTHY show what the remaining
+    anchor steps were for, the node a member again with its state; its journal holds the certificate the history
+    entry needs. A trailing `mark` may be missing (a crash between running it and journaling it: simulator seeds
+    1153, 1487): it is run first, as it would have been; it only writes the marker of a member."""
+    if action is None or action.target != me or own_class is not NodeClass.HEALTHY:
+        return None
     mine = [s.name for s in playbooks.steps(action.kind) if s.runs_on == "target"]
-    return bool(mine) and list(done) == mine
+    if not mine or list(done) != mine[: len(done)]:
+        return None
+    remaining = tuple(mine[len(done) :])
+    return remaining if remaining in ((), ("mark",)) else None

@@ -59,12 +59,17 @@ def fresh_report(peer: PeerState, now: float, peer_timeout: float) -> Report | N
 def _anchor_node(
     anchor: str | None, me: str, own: NodeReport | None, peers: Mapping[str, PeerState]
 ) -> NodeReport | None:
+    """The anchor's node, when its minkms can speak for the cluster. An anchor elected among lost nodes (to
+    restore) runs a fresh minkms or none: taken as the reference, its cluster of one made a surviving member
+    look EVICTED, so nothing served and the lost anchor stayed for ever (simulator seed 265)."""
     if anchor is None:
         return None
     if anchor == me:
-        return own
-    report = peers[anchor].report if anchor in peers else None
-    return report.node if report is not None else None
+        node = own
+    else:
+        report = peers[anchor].report if anchor in peers else None
+        node = report.node if report is not None else None
+    return None if node is None or node.cls == NodeClass.STATE_LOST.value else node
 
 
 def reference_membership(

@@ -47,6 +47,8 @@ class Checker:
         self.approvals: list[tuple[RestoreApproval, float]] = []  # every operator approval, when given (real)
         self.restore_certs: list[tuple[str, float]] = []  # RESTORE ids, when first certified (real)
         self.restores = 0  # restores that took effect (a node got a backup's state)
+        self.restored_at: float | None = None  # real time of the last one
+        self.first_acked: dict[str, float] = {}  # action id -> real time of its first ack
 
     def fail(self, what: str) -> None:
         raise Violation(f"t={self.sim.t:.3f}: {what}")
@@ -96,6 +98,7 @@ class Checker:
         self._paused(agent, "proposed", action, facts)
 
     def ack_given(self, agent: SimAgent, action: Action, facts: ClusterFacts, resume: bool) -> None:
+        self.first_acked.setdefault(action.id, self.sim.t)
         self._paused(agent, "acked", action, facts)
         if action.kind not in playbooks.TABLES:
             self.fail(f"rule 5: {agent.name} acked {action.kind}, which the simulation does not model")
@@ -258,11 +261,27 @@ class Checker:
         journal): only when, in truth, every node's state has been lost for restore_after (the simulated operator
         accepts no node's loss). From then on the action counts as finished: no step of it may run again, and
         it no longer stands in the way of another certificate (rule 2). Checked at the first drop: a later one,
-        by an agent whose view lags (reports take a round to arrive), releases an action that is over already."""
+        by an agent whose view lags (reports take a round to arrive), releases an action that is over already;
+        so is an action acked before a restore took effect, which that restore superseded in truth (seed 2624:
+        a held ack dropped a second after the restore, by an agent back from the dead)."""
         if action.kind not in ("REJOIN", "EVICT"):
             self.fail(f"{agent.name} superseded {action.kind} {action.id}: only a REJOIN or EVICT may be")
-        if action.id not in self.done:
+        acked = self.first_acked.get(action.id)
+        before_restore = self.restored_at is not None and acked is not None and acked < self.restored_at
+        if action.id not in self.done and not before_restore:
             self._lost_for_long(f"{agent.name} superseded {action.id}")
+        self.done.add(action.id)
+
+    def dropped_by_target(self, agent: SimAgent, action: Action) -> None:
+        """The anchor dropped an unfinished EVICT of its own node (`execution.dropped_by_target`): only while, in
+        truth, that node is still a member with its state (its remove never ran). From then on it is over."""
+        world = self.sim.world
+        if action.kind != "EVICT" or action.target != agent.name:
+            self.fail(
+                f"{agent.name} dropped {action.kind} {action.id} of {action.target}: only an EVICT of itself"
+            )
+        if agent.name not in world.members or not world.holds_state(agent.name):
+            self.fail(f"{agent.name} dropped {action.id} although its node was removed or lost its state")
         self.done.add(action.id)
 
     def _no_state_held(self, what: str, target: str, accepted: tuple[str, ...]) -> None:
@@ -286,6 +305,7 @@ class Checker:
             f"the restore of {backup.id}", target, approval.accept_loss_of if approval else ()
         )
         self.restores += 1
+        self.restored_at = self.sim.t
         if self.restores > self.sim.stats["total_losses"]:
             self.fail(f"rule 5: {target} restores {backup.id}: a second restore for one total loss")
 

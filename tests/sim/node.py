@@ -209,14 +209,16 @@ class SimAgent:
         own = None
         if not self.witness:
             host = self.sim.world.nodes[self.name].host
-            own = NodeReport("", "", 0.0, host, members=self.sim.world.local_members(self.name))
+            cls = self.own.cls if self.own is not None else ""  # the last round's, as the daemon's `own`
+            own = NodeReport(cls, "", 0.0, host, members=self.sim.world.local_members(self.name))
         return reference_membership(self.election.anchor_hint(now), self.name, own, peers)
 
     def own_report(self, now: float, reference: dict[int, str] | None) -> NodeReport | None:
         if self.witness:
             return None
         world = self.sim.world
-        v = world.own_verdict(self.name, reference)
+        pending = [(j.action, tuple(j.done)) for j in self.disk.journal.values() if j.outcome is None]
+        v = world.own_verdict(self.name, reference, execution.awaiting_mark(self.name, pending))
         t = self.tracked.get(self.name)
         held = held_for(t, now) if t is not None and t.verdict.cls == v.cls else 0.0
         node = world.nodes[self.name]
@@ -329,6 +331,19 @@ class SimAgent:
                 self.sim.note(f"{self.name} closes {j.action.id}: aborted ({why})")
                 if self.drive is not None and self.drive.action.id == j.action.id:
                     self.drive = None
+
+    def drop(self, action: Action, why: str) -> None:
+        """agent/actions.py's _drop for `execution.dropped_by_target`: remembered, released, journal aborted."""
+        self.sim.checker.dropped_by_target(self, action)
+        self.remember_superseded(action.id)
+        d = self.disk
+        d.held = release(d.held, action.id)
+        j = d.journal.get(action.id)
+        if j is not None and j.outcome is None:
+            self.record_finished(j, "aborted")
+        if self.drive is not None and self.drive.action.id == action.id:
+            self.drive = None
+        self.sim.note(f"{self.name} drops {action.id}: {why}")
 
     def finished_ids(self) -> tuple[str, ...]:
         history = [e.action.id for e in self.disk.history[-RECENT_FINISHED:]]
@@ -482,8 +497,24 @@ class SimAgent:
     def anchor_work(self, now: float) -> None:
         """One round of agent/actions.py's drive_once: decide, certify, run the next steps."""
         facts = self.facts(self.name, now)
+        own = facts.node(self.name)
+        own_class = own.verdict.cls if own is not None and own.verdict is not None else None
+        if facts.unfinished is not None and (
+            why := execution.dropped_by_target(facts.unfinished, self.name, own_class)
+        ):
+            self.drop(facts.unfinished, why)
+            return
         mine = self.disk.journal.get(facts.unfinished.id) if facts.unfinished is not None else None
-        if mine is not None and execution.target_closes(facts.unfinished, self.name, mine.done):
+        remaining = (
+            execution.target_closes(facts.unfinished, self.name, mine.done, own_class)
+            if mine is not None
+            else None
+        )
+        if mine is not None and remaining is not None:
+            for step_name in remaining:
+                reply = self.target_step(mine.cert, step_name)
+                if reply is None or not reply.ok:
+                    return  # crashed, or refused: tried again next round
             self.sim.stats["self_closed"] += 1
             self.close_action(mine.cert, "done", "closed by its target, anchor now: its own steps all done")
             return

@@ -92,12 +92,17 @@ class World:
             return ((0, n.host),)
         return self.membership() if name in self.members else ()
 
-    def own_verdict(self, name: str, reference: dict[int, str] | None) -> Verdict:
-        """The node's verdict on itself, in `classify_local`'s order: lost state, down, evicted, degraded, healthy."""
+    def own_verdict(
+        self, name: str, reference: dict[int, str] | None, awaiting_mark: bool = False
+    ) -> Verdict:
+        """The node's verdict on itself, in `classify_local`'s order: lost state, down, evicted, degraded, healthy.
+        `awaiting_mark`: its own REJOIN started it fresh and has not marked it yet (`classify._state_lost`)."""
         n = self.nodes[name]
         if n.data == EMPTY:
             return Verdict(NodeClass.STATE_LOST, "storage path is empty")
-        if not n.marker_ok:
+        local = self.local_members(name)
+        joined = len(local) >= 2 and n.host in dict(local).values()
+        if not n.marker_ok and not (awaiting_mark and joined):
             return Verdict(NodeClass.STATE_LOST, "identity marker is missing: the volume was replaced")
         if not n.running:
             return Verdict(NodeClass.DOWN, "service is inactive")
@@ -169,7 +174,7 @@ class World:
         minkms refuses a node that holds state or is not a live fresh one, and a file whose gzip is damaged.
         The restored node is a new cluster of one, with the backup's state (the others then REJOIN it)."""
         n = self.nodes[target]
-        if n.live and n.data == STATE and n.commit >= backup.commit > 0:
+        if n.live and n.data == STATE and n.commit >= backup.commit:  # (a commit-0 backup too: seed 3963)
             return f"already restored: commit {n.commit}"
         if not (n.live and n.data == FRESH):
             raise StepError(f"minkms refuses the restore: {target} is not a live fresh node ({n.data})")

@@ -402,6 +402,24 @@ def test_a_later_local_membership_beats_a_lagging_reference(
     assert v.cls is expected and needle in v.reason
 
 
+@pytest.mark.parametrize(
+    ("local_view", "awaiting", "expected"),
+    [
+        (view(), True, C.HEALTHY),  # joined by its own REJOIN, not marked yet: the state is the cluster's
+        (view(), False, C.STATE_LOST),  # no REJOIN of its own: a replaced volume
+        (FRESH, True, C.STATE_LOST),  # started fresh, not added yet: a 1-node cluster proves nothing
+        (NO_VIEW, True, C.STATE_LOST),  # minkms says nothing of it
+    ],
+)
+def test_a_missing_marker_is_expected_between_start_and_mark(
+    local_view: MinkmsView, awaiting: bool, expected: NodeClass
+) -> None:
+    """Seed 1731: a crash between add and mark, then every other node lost; called lost, the only node holding
+    the cluster's state would have been quarantined for a restore from an older backup."""
+    o = obs(marker=M.MISSING, minkms=local_view)
+    assert classify_local(o, ME, REF3, Thresholds(), awaiting_mark=awaiting).cls is expected
+
+
 def test_healthy_reason_is_exact() -> None:
     assert local(obs()) == Verdict(C.HEALTHY, "live, ready, a member, storage ok")
 

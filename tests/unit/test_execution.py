@@ -103,10 +103,37 @@ def test_an_anchor_never_adopts_an_action_it_has_finished() -> None:
 
 def test_the_anchor_closes_a_rejoin_of_itself_once_its_own_steps_are_done() -> None:
     mine = ("fence", "quarantine", "start", "mark")
-    assert execution.target_closes(REJOIN, "a1", mine)
-    assert not execution.target_closes(REJOIN, "a1", mine[:3])
-    assert not execution.target_closes(REJOIN, "a0", mine)
-    assert not execution.target_closes(EVICT, "a2", ())  # no target steps: never by itself
+    healthy = NodeClass.HEALTHY
+    assert execution.target_closes(REJOIN, "a1", mine, healthy) == ()
+    # a crash between running mark and journaling it: mark is run again first (simulator seeds 1153, 1487)
+    assert execution.target_closes(REJOIN, "a1", mine[:3], healthy) == ("mark",)
+    assert execution.target_closes(REJOIN, "a1", mine[:2], healthy) is None  # start not done: not its doing
+    assert execution.target_closes(REJOIN, "a1", ("fence", "start"), healthy) is None  # not in table order
+    assert execution.target_closes(REJOIN, "a1", mine, NodeClass.STATE_LOST) is None  # not a HEALTHY member
+    assert execution.target_closes(REJOIN, "a1", mine, None) is None
+    assert execution.target_closes(REJOIN, "a0", mine, healthy) is None
+    assert execution.target_closes(EVICT, "a2", (), healthy) is None  # no target steps: never by itself
+
+
+def test_a_rejoin_target_awaits_its_mark_between_start_and_mark() -> None:
+    assert execution.awaiting_mark("a1", [(REJOIN, ("fence", "quarantine", "start"))])
+    assert not execution.awaiting_mark("a1", [(REJOIN, ("fence", "quarantine"))])  # not started fresh yet
+    assert not execution.awaiting_mark("a1", [(REJOIN, ("fence", "quarantine", "start", "mark"))])
+    assert not execution.awaiting_mark("a0", [(REJOIN, ("fence", "quarantine", "start"))])  # another's
+    restore_ = Action("restore-a1-1-3", "RESTORE", "a1")
+    assert not execution.awaiting_mark("a1", [(restore_, ("fence", "fetch", "quarantine", "start"))])
+    assert not execution.awaiting_mark("a1", [])
+
+
+def test_the_anchor_drops_an_evict_of_itself_while_it_serves() -> None:
+    """Seed 1532: proposed while the node was away, never run; no anchor acts on itself, so it blocked all."""
+    assert execution.dropped_by_target(EVICT, "a2", NodeClass.HEALTHY)
+    assert execution.dropped_by_target(EVICT, "a2", NodeClass.DEGRADED)
+    assert execution.dropped_by_target(EVICT, "a2", NodeClass.EVICTED) is None  # removed after all: not this
+    assert execution.dropped_by_target(EVICT, "a2", None) is None
+    assert execution.dropped_by_target(EVICT, "a1", NodeClass.HEALTHY) is None  # another node's
+    assert execution.dropped_by_target(REJOIN, "a1", NodeClass.HEALTHY) is None  # its target closes it
+    assert execution.dropped_by_target(None, "a2", NodeClass.HEALTHY) is None
 
 
 def test_an_anchor_asks_the_target_again_for_a_target_step_it_journaled() -> None:
