@@ -103,6 +103,15 @@ def test_reference_membership_is_the_anchors() -> None:
     assert reference_commit("b", "a", own, {"b": PeerState(report("b", node(members=())), 99.0)}) is None
 
 
+def test_a_lost_anchor_speaks_for_no_membership() -> None:
+    """Seed 265: an anchor elected among lost nodes runs a fresh minkms; its cluster of one is no reference."""
+    lost = {"b": PeerState(report("b", node("STATE_LOST", members=FULL[1:2])), 99.0)}
+    assert reference_membership("b", "a", node(), lost) is None
+    assert reference_commit("b", "a", node(), lost) is None
+    assert reference_membership("a", "a", node("STATE_LOST", members=FULL[:1]), {}) is None
+    assert reference_membership("a", "a", node("DEGRADED", members=FULL[:1]), {}) == dict(FULL[:1])
+
+
 def view(name: str, cls: str, commit: int | None, role: str = "Follower"):
     from agent.core.classify import Verdict
     from agent.core.view import NodeView
