@@ -40,12 +40,19 @@ class StartupError(Exception):
     """The server refuses to start; the message is printed as `kms: <message>`."""
 
 
+DEFAULT_HSM_TIMEOUT = 5.0
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     cert: Path
     key: Path
     ca: Path | None
     heartbeat: float
+    # The emulator's stand-in for an external HSM/KMS backend (`hsm.endpoint`, docs/emulator.md §2.8): a URL
+    # that must answer at start-up, or the server refuses to start as minkms does without its HSM.
+    hsm_endpoint: str | None = None
+    hsm_timeout: float = DEFAULT_HSM_TIMEOUT
 
 
 def parse_duration(text: str) -> float:
@@ -74,7 +81,8 @@ def load_config(path: Path | None) -> ServerConfig:
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
-        raise StartupError(f"failed to read config file {path}: {exc}") from exc
+        # One line, as Go's yaml errors are ("yaml: line 2: …"): PyYAML's message spans several.
+        raise StartupError(f"failed to read config file {path}: {' '.join(str(exc).split())}") from exc
     if not isinstance(data, dict):
         raise StartupError(f"config file {path}: not a YAML mapping")
     if data.get("version") != "v1":
@@ -93,12 +101,64 @@ def load_config(path: Path | None) -> ServerConfig:
         raise StartupError("no server certificate provided: tls.certs needs 'cert' and 'key'")
     heartbeat = data.get("heartbeat", DEFAULT_HEARTBEAT)
     hb = parse_duration(heartbeat) if isinstance(heartbeat, str) else float(heartbeat)
+    endpoint, hsm_timeout = _hsm_section(path, data.get("hsm"))
     return ServerConfig(
         cert=Path(first["cert"]),
         key=Path(first["key"]),
         ca=Path(tls["ca"]) if tls.get("ca") else None,
         heartbeat=hb if hb > 0 else DEFAULT_HEARTBEAT,
+        hsm_endpoint=endpoint,
+        hsm_timeout=hsm_timeout,
     )
+
+
+def _hsm_section(path: Path, section: Any) -> tuple[str | None, float]:
+    """`hsm: {endpoint: URL, timeout: 2s}`, the emulator's external HSM/KMS backend (a decision: the real
+    config keys are a GAP). No section, or one without `endpoint`, means the software HSM alone."""
+    if section is None:
+        return None, DEFAULT_HSM_TIMEOUT
+    if not isinstance(section, dict):
+        raise StartupError(f"config file {path}: 'hsm' must be a mapping")
+    endpoint = section.get("endpoint")
+    if endpoint is None:
+        return None, DEFAULT_HSM_TIMEOUT
+    if not isinstance(endpoint, str) or not re.match(r"https?://[^/\s]+", endpoint):
+        raise StartupError(f"config file {path}: hsm.endpoint must be an http:// or https:// URL")
+    raw = section.get("timeout", DEFAULT_HSM_TIMEOUT)
+    if isinstance(raw, bool) or not isinstance(raw, str | int | float):
+        raise StartupError(f"config file {path}: hsm.timeout must be a duration")
+    timeout = parse_duration(raw) if isinstance(raw, str) else float(raw)
+    return endpoint, timeout if timeout > 0 else DEFAULT_HSM_TIMEOUT
+
+
+async def check_hsm_endpoint(cfg: ServerConfig) -> None:
+    """The external HSM must answer at start-up: any HTTP answer below 500 within `hsm.timeout`.
+
+    An https endpoint is verified against `tls.ca` (or the system CAs). Nothing is sent but a GET; the answer's
+    body is ignored. A refused connection, a timeout, a TLS failure or a 5xx answer stop the server."""
+    if cfg.hsm_endpoint is None:
+        return
+    url = cfg.hsm_endpoint
+    ctx = ssl.create_default_context()
+    if cfg.ca is not None:
+        try:
+            _load_verify(ctx, cfg.ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise StartupError(f"cannot load the CA certificates {cfg.ca}: {exc}") from exc
+    try:
+        timeout = aiohttp.ClientTimeout(total=cfg.hsm_timeout)
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(url, ssl=ctx, allow_redirects=False) as reply,
+        ):
+            status = reply.status
+    except TimeoutError:
+        raise StartupError(f"cannot reach the HSM at {url}: no answer within {cfg.hsm_timeout:g}s") from None
+    except (aiohttp.ClientError, OSError, ValueError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise StartupError(f"cannot reach the HSM at {url}: {reason}") from None
+    if status >= 500:
+        raise StartupError(f"cannot reach the HSM at {url}: it answered HTTP {status}")
 
 
 def _load_verify(ctx: ssl.SSLContext, ca: Path) -> None:
@@ -560,6 +620,7 @@ async def serve(directory: Path, address: str, host: str | None, config: Path | 
         hsm = SoftHSM.parse(hsm_text)
     except ValueError as exc:
         raise StartupError(str(exc)) from exc
+    await check_hsm_endpoint(cfg)  # before the state is read: an unreachable HSM is not a damaged disk
     if ":" not in address:
         address += ":7373"
     bind_host, bind_port = address.rsplit(":", 1)
