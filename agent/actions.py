@@ -3,7 +3,10 @@ anchor driving them. Decisions are `agent.core` (guards, planner, playbooks, agr
 journal, signs, verifies, and runs the steps against minkms, the service manager and the storage path.
 
 Every step is journaled (intent with fsync before it runs, outcome after) and idempotent, so that a crash of any
-agent at any point ends with the action resumed or cleanly closed.
+agent at any point ends with the action resumed or cleanly closed. Journal and state-file writes run off the event
+loop with a deadline (`agent.io.durable.Writes`): a hung disk stalls the step, never the loop, and a write that
+did not return is never acted on. Every destructive minkms command is fenced (`agent.core.fencing`): it names what
+it was certified for, and leaves only while this agent's lease outlasts it, checked right before it starts.
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 
+from agent import failpoints
 from agent.config import Config
-from agent.core import backups, execution, guards, planner, playbooks, restore
+from agent.core import backups, execution, fencing, guards, planner, playbooks, restore
 from agent.core import facts as cf
 from agent.core.agreement import AckCollector, Held, answer_ack, certificate_problems, release
 from agent.core.backups import BackupInfo
@@ -39,11 +43,11 @@ from agent.core.messages import (
 )
 from agent.core.model import NodeClass, ServiceState
 from agent.core.view import fresh_report
-from agent.failpoints import hit
 from agent.io import logs
 from agent.io.backups import fetch_backup
-from agent.io.durable import read_json, write_json
-from agent.io.journal import History, HistoryEntry, Journal, close_action
+from agent.io.durable import DiskStalled, read_json, write_json
+from agent.io.journal import ActionState, History, HistoryEntry, Journal, close_action
+from agent.io.minkms import RC_FENCED, CommandResult, Fence
 from agent.io.peers import PeerError
 from agent.io.signing import AckVerifier, Signer
 from agent.io.storage import Marker, quarantine, write_marker
@@ -54,6 +58,7 @@ if TYPE_CHECKING:
     from agent.daemon import Agent
 
 log = logging.getLogger("kmagent")
+R = TypeVar("R")
 
 ACK_PATH = "/v1/peer/ack"
 STEP_PATH = "/v1/peer/step"
@@ -63,6 +68,11 @@ REQUEST_PATH = "/v1/peer/request"
 
 class StepFailed(Exception):
     """A step did not reach its goal; the message says what was seen."""
+
+
+class NotRun(Exception):
+    """A step that did not run, and is not counted against its attempts: its destructive command was fenced (the
+    lease would not outlast it), or the disk did not journal its intent in time. Again next round."""
 
 
 @dataclass
@@ -105,6 +115,8 @@ class Actions:
             None  # an operator's request, on the anchor, until proposed or refused
         )
         self.lock = asyncio.Lock()  # one ack decision or step at a time on this agent
+        self.disk = coordinator.disk  # durable writes, off the loop, with a deadline
+        self.closing: asyncio.Task[None] | None = None  # closing actions a peer recorded finished
         self.max_cert_term = max(
             (s.certificate.term for s in self.journal.state().actions.values()), default=0
         )
@@ -127,7 +139,7 @@ class Actions:
                 reason="history entry refused: " + ("; ".join(problems) or "action mismatch")[:300]
             )
         if self.history.find(entry.action.id) is None:
-            self.history.append(entry)
+            await self._io("history append", self.history.append, entry)
         self.on_peer_finished((entry.action.id,))
         return StepReply(True, "recorded")
 
@@ -201,28 +213,57 @@ class Actions:
             return ()
         return tuple(i for i in data if isinstance(i, str)) if isinstance(data, list) else ()
 
-    def _remember_superseded(self, action_id: str) -> None:
+    async def _remember_superseded(self, action_id: str) -> None:
         """Durable, so that this agent never resumes nor adopts the dropped action again, even after a restart."""
         if action_id not in self.superseded:
-            self.superseded = (*self.superseded, action_id)[-RECENT_FINISHED:]
-            write_json(self.superseded_path, list(self.superseded))
+            superseded = (*self.superseded, action_id)[-RECENT_FINISHED:]
+            await self._io("superseded.json", write_json, self.superseded_path, list(superseded))
+            self.superseded = superseded
+
+    async def _io(self, what: str, fn: Callable[..., R], *args: Any) -> R:
+        """A blocking durable write, off the loop, in order, within the disk deadline (DiskStalled after it)."""
+        return await self.disk.run(what, fn, *args)
 
     def on_peer_finished(self, finished: tuple[str, ...]) -> None:
         """A peer recorded these actions finished: release ours, and close our journal of them (a target whose
-        finish request was lost); reports carry the ids to every acker."""
-        if self.held is not None and self.held.action.id in finished:
-            self._save_held(release(self.held, self.held.action.id))
-        for state in self.journal.state().unfinished():
-            if state.action.id in finished and (
-                self.drive is None or self.drive.action.id != state.action.id
-            ):
-                detail = "closed here: the anchor recorded it finished (its history has the outcome)"
-                close_action(self.journal, self.history, state.action.id, "done", detail, ())
-                if state.action.target == self.cfg.name:
-                    revoke_fresh_start(Path(self.cfg.state.dir))
+        finish request was lost); reports carry the ids to every acker. Called on receipt of a report: the
+        writes run in a task of their own, under the lock (a report repeats the ids, so a round missed is not
+        lost)."""
+        held = self.held is not None and self.held.action.id in finished
+        if not (held or self._to_close(finished)) or (self.closing is not None and not self.closing.done()):
+            return
+        self.closing = asyncio.ensure_future(self._close_finished(finished))
+        self.closing.add_done_callback(_log_failure)
 
-    def _save_held(self, held: Held | None) -> None:
-        self.journal.save_held(held)
+    def _to_close(self, finished: tuple[str, ...]) -> list[ActionState]:
+        return [
+            state
+            for state in self.journal.state().unfinished()
+            if state.action.id in finished and (self.drive is None or self.drive.action.id != state.action.id)
+        ]
+
+    async def _close_finished(self, finished: tuple[str, ...]) -> None:
+        async with self.lock:
+            if self.held is not None and self.held.action.id in finished:
+                await self._save_held(release(self.held, self.held.action.id))
+            for state in self._to_close(finished):
+                detail = "closed here: the anchor recorded it finished (its history has the outcome)"
+                await self._io(
+                    "close action",
+                    close_action,
+                    self.journal,
+                    self.history,
+                    state.action.id,
+                    "done",
+                    detail,
+                    (),
+                )
+                if state.action.target == self.cfg.name:
+                    await self._io("fresh-start authorisation", revoke_fresh_start, Path(self.cfg.state.dir))
+
+    async def _save_held(self, held: Held | None) -> None:
+        """Durable before anyone hears of it (an ack leaves only after this returned)."""
+        await self._io("held.json", self.journal.save_held, held)
         self.held = held
 
     # ---- escalation (DESIGN §6.6) --------------------------------------------------------------------------
@@ -270,9 +311,9 @@ class Actions:
         if req.anchor != peer:
             raise web.HTTPForbidden(reason=f"ack request for anchor {req.anchor!r} sent by {peer!r}")
         async with self.lock:
-            return self._answer(req)
+            return await self._answer(req)
 
-    def _answer(self, req: AckRequest) -> AckReply:
+    async def _answer(self, req: AckRequest) -> AckReply:
         if not self.coordinator.views:
             return AckReply(False, "not ready: this agent has no view of the cluster yet")
         try:
@@ -288,7 +329,11 @@ class Actions:
             sign=self.signer.sign,
         )
         if held is not None:
-            self._save_held(held)  # durable before the ack leaves
+            try:
+                await self._save_held(held)  # durable before the ack leaves
+            except OSError as exc:  # DiskStalled too: an ack not durable is never given
+                log.error(logs.kv(event="ack_not_persisted", action=req.action.id, error=exc))
+                return AckReply(False, f"could not persist the ack: {exc}")
         log.log(
             logging.WARNING if reply.granted else logging.INFO,
             logs.kv(
@@ -317,19 +362,35 @@ class Actions:
         if action.target != self.cfg.name:
             raise web.HTTPForbidden(reason=f"the certificate names {action.target}, not this agent")
         async with self.lock:
-            return await self._target_step(cert, req.step)
+            try:
+                return await self._target_step(cert, req.step)
+            except NotRun as exc:
+                return StepReply(False, str(exc))
 
     async def _target_step(self, cert: Certificate, step_name: str) -> StepReply:
         action = cert.action
         state = self.journal.state().get(action.id)
         done = tuple(state.progress.done) if state is not None else ()
         if step_name == FINISH_STEP and cert.term >= self.max_cert_term:
-            if state is not None and not state.finished:
-                close_action(self.journal, self.history, action.id, "done", "the anchor recorded it done", ())
-            revoke_fresh_start(Path(self.cfg.state.dir))
-            self._save_held(release(self.held, action.id))
+            try:
+                if state is not None and not state.finished:
+                    detail = "the anchor recorded it done"
+                    await self._io(
+                        "close action",
+                        close_action,
+                        self.journal,
+                        self.history,
+                        action.id,
+                        "done",
+                        detail,
+                        (),
+                    )
+                await self._io("fresh-start authorisation", revoke_fresh_start, Path(self.cfg.state.dir))
+                await self._save_held(release(self.held, action.id))
+            except OSError as exc:
+                return StepReply(False, f"not finished here: {exc}", done)
             return StepReply(True, "finished", done)
-        mine = self.coordinator.tracked.get(self.cfg.name)
+        mine = self.agent().verdict(time.monotonic())  # STALLED once its observation is old: never run on it
         decision = execution.target_decision(
             action,
             step_name,
@@ -338,7 +399,7 @@ class Actions:
             begun=state is not None,
             finished=state is not None and state.finished,
             done=done,
-            own_class=mine.verdict.cls if mine is not None else None,
+            own_class=mine.cls if mine is not None else None,
         )
         if not decision.run:
             return StepReply(decision.ok, decision.detail, done)
@@ -354,18 +415,31 @@ class Actions:
         run: Callable[[Action, str], Awaitable[str]],
     ) -> tuple[bool, str]:
         action = cert.action
-        if self.journal.state().get(action.id) is None:
-            self.journal.begin(action, cert, "anchor" if action.target != self.cfg.name else "target")
-        self.journal.intent(action, step_name, cert.term, cert)
-        hit(f"{action.kind}.{step_name}.intent")
+        try:
+            if self.journal.state().get(action.id) is None:
+                role = "anchor" if action.target != self.cfg.name else "target"
+                await self._io("journal begin", self.journal.begin, action, cert, role)
+            await self._io("journal intent", self.journal.intent, action, step_name, cert.term, cert)
+        except DiskStalled as exc:  # the intent may land later: in doubt, re-run through the step's own check
+            raise NotRun(f"{step_name} not started: {exc}") from None
+        await failpoints.reach(f"{action.kind}.{step_name}.intent")
         log.warning(logs.kv(event="step_started", action=action.id, step=step_name, target=action.target))
+        not_run: NotRun | None = None
         try:
             detail = await run(action, step_name)
             ok = True
+        except NotRun as exc:
+            ok, detail, not_run = False, str(exc), exc
         except (StepFailed, OSError, RuntimeError, ValueError) as exc:
             ok, detail = False, str(exc)
-        hit(f"{action.kind}.{step_name}.outcome")
-        self.journal.outcome(action.id, step_name, ok, detail)
+        await failpoints.reach(f"{action.kind}.{step_name}.outcome")
+        try:
+            await self._io("journal outcome", self.journal.outcome, action.id, step_name, ok, detail)
+        except DiskStalled as exc:  # the outcome is in doubt: the step re-runs (idempotent) next round
+            raise NotRun(f"{step_name}: outcome not journaled: {exc}") from None
+        if not_run is not None:
+            log.warning(logs.kv(event="step_not_run", action=action.id, step=step_name, detail=detail))
+            raise not_run
         log.log(
             logging.WARNING if ok else logging.ERROR,
             logs.kv(
@@ -397,7 +471,10 @@ class Actions:
             _ = record
             return f"state moved to {qdir}"
         if step_name == "start":
-            authorise_fresh_start(Path(self.cfg.state.dir), action.id, time.time() + timeout + 60)
+            until = time.time() + timeout + 60
+            await self._io(
+                "fresh-start authorisation", authorise_fresh_start, Path(self.cfg.state.dir), action.id, until
+            )
             await agent.service.start()
             await _until(timeout, lambda: self._live(agent), "minkms to answer live")
             return "minkms started fresh"
@@ -416,8 +493,8 @@ class Actions:
                 timeout, lambda: self._member_id(agent, alone), "this node to see itself a member"
             )
             marker = Marker(self.cfg.cluster, agent.my_host, me, time.time())
-            await asyncio.to_thread(write_marker, agent.storage_path, marker, agent.marker_record)
-            revoke_fresh_start(Path(self.cfg.state.dir))
+            await self._io("identity marker", write_marker, agent.storage_path, marker, agent.marker_record)
+            await self._io("fresh-start authorisation", revoke_fresh_start, Path(self.cfg.state.dir))
             return f"identity marker written: node {me}"
         raise StepFailed(f"{step_name} is not a step of the target")
 
@@ -492,7 +569,9 @@ class Actions:
         if await _commit_reached(agent, want.commit) and want.commit > 0:
             return f"already restored: the node's commit has reached {want.commit}"
         path = self.agent().backup_store.path(want.id)
-        result = await agent.minkms.restore(agent.my_host, path)
+        result = await self._command(
+            "RESTORE", "restore", lambda fence: agent.minkms.restore(agent.my_host, path, fence)
+        )
         if not result.ok:
             raise StepFailed(f"minkms restore {want.id}: {result.error}")
         await _until(
@@ -517,19 +596,21 @@ class Actions:
             }
             for action in pending.values():
                 if why := execution.superseded(action, facts):
-                    self._drop(action, why)
+                    await self._drop(action, why)
 
-    def _drop(self, action: Action, why: str) -> None:
+    async def _drop(self, action: Action, why: str) -> None:
         """Never resume nor adopt `action` again: remembered as superseded (reports carry its id, which releases
         every holder), our held ack released, our journal of it closed as aborted. Runs no step. Under the lock."""
-        self._remember_superseded(action.id)
+        await self._remember_superseded(action.id)
         if self.held is not None and self.held.action.id == action.id:
-            self._save_held(release(self.held, action.id))
+            await self._save_held(release(self.held, action.id))
         state = self.journal.state().get(action.id)
         if state is not None and not state.finished:
-            close_action(self.journal, self.history, action.id, "aborted", why, ())
+            await self._io(
+                "close action", close_action, self.journal, self.history, action.id, "aborted", why, ()
+            )
             if action.target == self.cfg.name:
-                revoke_fresh_start(Path(self.cfg.state.dir))
+                await self._io("fresh-start authorisation", revoke_fresh_start, Path(self.cfg.state.dir))
         if self.drive is not None and self.drive.action.id == action.id:
             self.drive = None
         log.warning(
@@ -555,7 +636,7 @@ class Actions:
             why := execution.dropped_by_target(facts.unfinished, self.cfg.name, own_class)
         ):
             async with self.lock:
-                self._drop(facts.unfinished, why)
+                await self._drop(facts.unfinished, why)
             return
         mine = self.journal.state().get(facts.unfinished.id) if facts.unfinished is not None else None
         remaining = (
@@ -568,7 +649,10 @@ class Actions:
             try:
                 for step_name in remaining:
                     async with self.lock:
-                        reply = await self._target_step(mine.certificate, step_name)
+                        try:
+                            reply = await self._target_step(mine.certificate, step_name)
+                        except NotRun as exc:
+                            reply = StepReply(False, str(exc))
                     if not reply.ok:
                         log.warning(
                             logs.kv(
@@ -588,7 +672,7 @@ class Actions:
             return
         decision = planner.decide(facts)
         if decision.escalate:
-            self.set_escalated(self.escalated | frozenset(decision.escalate))
+            await self._io("escalations", self.set_escalated, self.escalated | frozenset(decision.escalate))
             log.error(logs.kv(event="escalated", nodes=",".join(decision.escalate)))
         action = decision.action
         if facts.unfinished is None and self.requested is not None:
@@ -630,6 +714,10 @@ class Actions:
                 await self._certify(d)
             if d.certificate is not None:
                 await self._advance(d)
+        except NotRun as exc:  # fenced, or the disk did not answer: nothing ran; again next round
+            log.warning(logs.kv(event="step_held_back", action=d.action.id, detail=exc))
+        except DiskStalled as exc:
+            log.error(logs.kv(event="disk_stalled", action=d.action.id, detail=exc))
         finally:
             self.busy = False
 
@@ -637,7 +725,7 @@ class Actions:
         req = AckRequest(self.cfg.cluster, d.term, self.cfg.name, d.action)
         if self.cfg.name not in d.collector.signers:
             async with self.lock:
-                own = self._answer(req)
+                own = await self._answer(req)
             if own.granted and own.ack is not None:
                 d.collector.add(own.ack)
             else:
@@ -673,7 +761,7 @@ class Actions:
             self.cfg.quorum,
         )
         if adopt is not None:
-            self._adopt(d, adopt)
+            await self._adopt(d, adopt)
             return
         if d.certificate is not None:
             log.warning(
@@ -690,10 +778,11 @@ class Actions:
                 )
             )
 
-    def _adopt(self, d: Drive, action: Action) -> None:
+    async def _adopt(self, d: Drive, action: Action) -> None:
         """Adopt a held action instead of our proposal (`execution.to_adopt`): from the next round the
         planner resumes it, re-certified in this term, each agent judging it by its own view."""
-        self._save_held(Held(action, d.term))
+        async with self.lock:
+            await self._save_held(Held(action, d.term))
         self.drive = None
         log.warning(
             logs.kv(
@@ -753,7 +842,7 @@ class Actions:
                     cert, "aborted" if step.on_failure == "abort" else "failed", f"{step.name}: {detail}"
                 )
                 if step.on_failure == "escalate":
-                    self.set_escalated(self.escalated | {action.target})
+                    await self._io("escalations", self.set_escalated, self.escalated | {action.target})
                 return
         await self._close(cert, "done", "every step done")
 
@@ -782,8 +871,17 @@ class Actions:
     async def _close(self, cert: Certificate, outcome: str, detail: str) -> None:
         evidence = tuple(planner.decide(self.facts(anchor=self.cfg.name)).evidence)
         if self.journal.state().get(cert.action.id) is None:
-            self.journal.begin(cert.action, cert, "anchor")
-        entry = close_action(self.journal, self.history, cert.action.id, outcome, detail, evidence)  # type: ignore[arg-type]
+            await self._io("journal begin", self.journal.begin, cert.action, cert, "anchor")
+        entry = await self._io(
+            "close action",
+            close_action,
+            self.journal,
+            self.history,
+            cert.action.id,
+            outcome,
+            detail,
+            evidence,
+        )
         if cert.action.target != self.cfg.name:
             await self._remote(cert, FINISH_STEP, 30.0)
 
@@ -798,7 +896,7 @@ class Actions:
                 log.info(logs.kv(event="history_not_shared", peer=name, error=exc))
 
         await asyncio.gather(*(share(a.name) for a in self.cfg.peers))
-        self._save_held(release(self.held, cert.action.id))
+        await self._save_held(release(self.held, cert.action.id))
         if self.requested is not None and self.requested.id == cert.action.id:
             self.requested = None
         self.drive = None
@@ -811,22 +909,25 @@ class Actions:
         host = target.minkms_host
         timeout = _step(action.kind, step_name).timeout
         if step_name == "remove":
-            members = await _membership(agent)
-            ids = [nid for nid, h in members.items() if h == host]
             view = next((v for v in self.coordinator.views if v.name == action.target), None)
             cls = view.verdict.cls if view is not None and view.verdict is not None else None
-            nothing = check_remove(action, host, ids, cls)
-            if nothing is not None:
-                return nothing
-            result = await agent.minkms.edit_remove(agent.my_host, ids)
+            plan = check_remove(action, host, await _membership(agent), cls)
+            if not plan.ids:
+                return plan.detail
+            result = await self._command(
+                action.kind, step_name, lambda fence: agent.minkms.edit_remove(agent.my_host, plan.ids, fence)
+            )
             if not result.ok:
-                raise StepFailed(f"minkms edit --rm {ids}: {result.error}")
-            await _until(timeout, lambda: _is_member(agent, host, False), f"{host} to leave the membership")
-            return f"removed node {ids} ({host})"
+                raise StepFailed(f"minkms edit --rm {list(plan.ids)}: {result.error}")
+            gone = plan.ids[0]
+            await _until(timeout, lambda: _id_gone(agent, gone), f"node {gone} to leave the membership")
+            return f"removed node {gone} ({host})"
         if step_name == "add":
             if host in (await _membership(agent)).values():
                 return f"{host} is already a member"
-            result = await agent.minkms.add(agent.my_host, host)
+            result = await self._command(
+                action.kind, step_name, lambda fence: agent.minkms.add(agent.my_host, host, fence)
+            )
             if not result.ok:
                 raise StepFailed(f"minkms add {host}: {result.error}")
             await _until(timeout, lambda: _is_member(agent, host, True), f"{host} to be a member")
@@ -841,6 +942,32 @@ class Actions:
             await _until(timeout, lambda: self._writable(agent), "the anchor to accept writes")
             return "verified: writes work" + (f", {action.target} HEALTHY" if action.kind == "REJOIN" else "")
         raise StepFailed(f"{step_name} is not a step of the anchor")
+
+    async def _command(
+        self, kind: str, step_name: str, run: Callable[[Fence], Awaitable[CommandResult]]
+    ) -> CommandResult:
+        """A destructive minkms command of `step_name`, fenced: the `.command` failpoint, then `run(fence)`,
+        whose fence the adapter calls immediately before the child starts (after its last await): it leaves only
+        while this agent holds the lease for longer than the command's timeout, cut to fit the lease, and while
+        its disk answers. NotRun when fenced: nothing was sent, the step runs again next round."""
+        await failpoints.reach(f"{kind}.{step_name}.command")
+        election = self.coordinator.election
+
+        def fence() -> tuple[float, str | None]:
+            now = time.monotonic()
+            remaining = election.lease_remaining(now)
+            timeout = fencing.command_timeout(remaining, self.cfg.minkms.command_timeout)
+            refusal = fencing.lease_refusal(election.is_anchor(now), remaining, timeout)
+            stalled = self.disk.overdue(now)
+            if refusal is None and stalled is not None:
+                refusal = f"a durable write ({stalled[0]}) has not returned for {stalled[1]:.0f}s"
+            return timeout, refusal
+
+        result = await run(fence)
+        if result.returncode == RC_FENCED:
+            log.warning(logs.kv(event="command_fenced", step=step_name, detail=result.error))
+            raise NotRun(result.error)
+        return result
 
     async def _healthy(self, name: str) -> bool:
         t = self.coordinator.tracked.get(name)
@@ -1002,21 +1129,31 @@ class _InHistory:
         )
 
 
-def check_remove(action: Action, host: str, ids: list[int], cls: NodeClass | None) -> str | None:
-    """Before the anchor's `minkms edit --rm ids`: the step's detail when there is nothing to remove (None: run
-    it), StepFailed when it must not run.
+def check_remove(
+    action: Action, host: str, membership: dict[int, str], cls: NodeClass | None
+) -> fencing.RemovePlan:
+    """Before the anchor's `minkms edit --rm`: what to remove (`fencing.remove_plan`: only the node id the
+    certificate names, while it is a member at the host; nothing, with the step's detail, otherwise), StepFailed
+    when it must not run.
 
-    Membership comes first. A host already out was removed, by this action before a crash left the step's outcome
-    in doubt, or otherwise: the remove is done whatever the target's class is now. A node back from a cut is
-    EVICTED by then, and refusing would record an eviction that did happen as aborted. Only a removal still to
-    run needs the EVICT's target to be failed still (a resumed EVICT must never remove a node that came back).
+    Membership comes first. A certified id already out was removed, by this action before a crash left the step's
+    outcome in doubt, or otherwise (a later anchor that also re-added the host under a new id): the remove is done
+    whatever the target's class is now. A node back from a cut is EVICTED by then, and refusing would record an
+    eviction that did happen as aborted. Only a removal still to run needs the EVICT's target to be failed still
+    (a resumed EVICT must never remove a node that came back).
     """
-    if not ids:
-        return f"{host} is not a member: nothing to remove"
+    plan = fencing.remove_plan(action, host, membership)
+    if not plan.ids:
+        return plan
     refusal = execution.evict_remove_refusal(action, cls)
     if refusal is not None:
         raise StepFailed(refusal)
-    return None
+    return plan
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error(logs.kv(event="close_finished_failed", error=repr(task.exception())))
 
 
 def _plain(value: Any) -> Any:
@@ -1056,6 +1193,13 @@ async def _membership(agent: Agent) -> dict[int, str]:
             f"cannot read the anchor's membership: {view.error or 'this node is not in its own status'}"
         )
     return dict(me.members)
+
+
+async def _id_gone(agent: Agent, node_id: int) -> bool:
+    try:
+        return node_id not in await _membership(agent)
+    except StepFailed:
+        return False
 
 
 async def _is_member(agent: Agent, host: str, wanted: bool) -> bool:

@@ -102,9 +102,15 @@ def render_status(status: dict[str, Any]) -> str:
             else "until " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(until))
         )
         lines.append(f"PAUSED {when}: {paused.get('reason') or 'no reason given'} (kmagent resume ends it)")
+    stalled = status.get("disk_stalled")
+    if stalled:
+        lines.append(
+            f"DISK STALLED: a durable write ({stalled.get('write')}) has not returned for {stalled.get('seconds')}s: "
+            "this agent neither leads nor runs a step until it does"
+        )
     lines.append("")
     rows: list[tuple[str, ...]] = [
-        ("NODE", "ROLE", "CLASS", "SINCE", "ID", "MINKMS", "COMMIT", "LAG", "ANCHOR", "REPORT")
+        ("NODE", "ROLE", "CLASS", "SINCE", "ID", "MINKMS", "COMMIT", "LAG", "ANCHOR", "REPORT", "OBSERVED")
     ]
     for n in status.get("nodes", []):
         age = n.get("report_age_seconds")
@@ -120,6 +126,7 @@ def render_status(status: dict[str, Any]) -> str:
                 _opt(n.get("lag")),
                 "*" if n.get("anchor") else "",
                 "-" if n.get("self") else ("never" if age is None else f"{age:.1f}s ago"),
+                _opt(n.get("observed_seconds"), "{:.1f}s ago"),
             )
         )
     lines += _table(rows)

@@ -34,12 +34,13 @@ from agent.core.view import (
     classify_cluster,
     electable,
     fresh_report,
+    observed_at,
     reference_commit,
     reference_membership,
     report_age,
 )
 from agent.io import logs
-from agent.io.durable import read_json, write_json
+from agent.io.durable import Writes, read_json, write_json
 from agent.io.metrics import Metric
 from agent.io.peers import PeerClient, PeerError, Route
 
@@ -166,6 +167,9 @@ class Coordinator:
         self.links = {a.name: PeerLink(a, PeerState()) for a in cfg.peers}
         self.members = tuple(Member(a.name, a.minkms_host) for a in cfg.agents)
         self.ballot_path = Path(cfg.state.dir) / "ballot.json"
+        # every durable write of this agent (ballot, journal, held ack, marker), in order, off the loop; a write
+        # outstanding for longer than a lease is a stalled disk, and a stalled disk costs the anchor its lease
+        self.disk = Writes(cfg.timings.lease)
         self.election = Election(
             cfg.name,
             cfg.cluster,
@@ -248,8 +252,8 @@ class Coordinator:
         ballot = self.election.ballot
         try:
             data = {"term": ballot.term, "voted_for": ballot.voted_for}
-            await asyncio.to_thread(write_json, self.ballot_path, data)
-        except OSError as exc:
+            await self.disk.run("ballot.json", write_json, self.ballot_path, data)
+        except OSError as exc:  # DiskStalled too: a vote not durable is never sent
             log.error(logs.kv(event="vote_not_persisted", path=self.ballot_path, error=exc))
             return False
         return True
@@ -319,11 +323,16 @@ class Coordinator:
         )
         for v in self.views:
             if v.verdict is not None:
-                self.tracked[v.name] = track(self.tracked.get(v.name), v.verdict, now)
+                self.tracked[v.name] = track(self.tracked.get(v.name), v.verdict, now, observed_at(v, now))
         fresh = [r for p in peers.values() if (r := fresh_report(p, now, timeout)) is not None]
         was_anchor = self.election.is_anchor(now)
         restarting = {r.sender for r in fresh if r.restarting}
         eligible = electable(self.views, restarting, self._unfinished())
+        stalled = self.disk.overdue(now)
+        if stalled is not None:  # it cannot journal: it must not lead (an anchor steps down, stops renewing)
+            eligible = tuple(e for e in eligible if e != self.cfg.name)
+            if self.election.is_anchor(now):
+                log.error(logs.kv(event="disk_stalled", write=stalled[0], seconds=round(stalled[1], 1)))
         view = ElectionView.from_reports(eligible, fresh)
         out = self.election.tick(now, view, self.rng.random())
         if was_anchor and not self.election.is_anchor(now):
@@ -406,6 +415,7 @@ class Coordinator:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.client.close()
+        self.disk.close()
 
     # ---- the cluster-wide pause (DESIGN §6.7) --------------------------------------------------------------
     def set_pause(self, seconds: float | None, reason: str) -> Pause:
@@ -507,6 +517,7 @@ class Coordinator:
                     "lag": best - n.commit if n and n.commit is not None and best is not None else None,
                     "anchor": v.name == anchor,
                     "report_age_seconds": round(v.report_age, 3) if v.report_age is not None else None,
+                    "observed_seconds": n.observed_seconds if n else None,
                     "self": v.name == self.cfg.name,
                     "error": link.error if link else None,
                 }
@@ -516,10 +527,15 @@ class Coordinator:
             if self.pause.active(time.time())
             else None
         )
+        overdue = self.disk.overdue(now)
         return {
             "election": self.election.status(now),
             "anchor": anchor,
             "term": self.election.term,
             "paused": pause,
             "nodes": nodes,
+            # a durable write past its deadline: this agent neither leads nor runs a step until it returns
+            "disk_stalled": None
+            if overdue is None
+            else {"write": overdue[0], "seconds": round(overdue[1], 1)},
         }

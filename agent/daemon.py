@@ -45,7 +45,9 @@ from agent.core.model import (
     NodeClass,
     Observation,
     ServiceObs,
+    StorageObs,
 )
+from agent.core.view import vouched
 from agent.io import logs
 from agent.io.backups import BackupStore
 from agent.io.control import Access, ControlServer, json_response
@@ -107,6 +109,11 @@ class Agent:
         self.rounds = 0
         self.round_seconds = 0.0
         self.backups: BackupService | None = None  # set by the daemon
+        # the storage probe's thread, while it runs: a hung volume hangs it, and the next rounds wait for it (one
+        # thread, never a pile of them) and report STALLED from its deadline on
+        self.storage_probe: asyncio.Future[StorageObs] | None = None
+        self.storage_probe_started = 0.0
+        self._stalled_logged: float | None = None
 
     @property
     def backup_store(self) -> BackupStore:
@@ -133,18 +140,13 @@ class Agent:
     # ---- observation ------------------------------------------------------------------------------------
     async def observe(self) -> Observation:
         started = time.monotonic()
+        # Read before the storage probe starts (one snapshot, see Observation.awaiting_mark): `mark` writes the
+        # marker before it journals its outcome, so a probe that misses the marker sees awaiting_mark still set.
+        actions = self.coordinator.actions
+        awaiting_mark = actions.awaiting_mark() if actions is not None else False
         service_task = asyncio.ensure_future(self.service.status())
         health_task = asyncio.ensure_future(self.minkms.probe())
-        storage_task = asyncio.ensure_future(
-            asyncio.to_thread(
-                probe_storage,
-                self.storage_path,
-                cluster=self.cfg.cluster,
-                host=self.my_host,
-                record=self.marker_record,
-                low_space=self.cfg.local.low_space,
-            )
-        )
+        storage_task = asyncio.ensure_future(self.probe_storage())
         service, health, storage = await asyncio.gather(service_task, health_task, storage_task)
         view = (
             await self.minkms.cluster_status() if health.live else MinkmsView(error="minkms is not answering")
@@ -154,10 +156,48 @@ class Agent:
             (*self.restart_samples, (now, service.restarts)), now, self.cfg.timings.crash_loop_window
         )
         in_window = restarts_within(self.restart_samples, now, self.cfg.timings.crash_loop_window)
-        service = ServiceObs(service.state, service.restarts, service.main_pid, in_window)
-        obs = Observation(at=now, service=service, health=health, storage=storage, minkms=view)
+        service = ServiceObs(service.state, service.restarts, service.main_pid, in_window, service.last_error)
+        obs = Observation(
+            at=now, service=service, health=health, storage=storage, minkms=view, awaiting_mark=awaiting_mark
+        )
         self.round_seconds = now - started
         return obs
+
+    async def probe_storage(self) -> StorageObs:
+        """The storage probe, in a thread, within its deadline (peer_timeout): past it, a stalled observation
+        (STALLED), never the last answer. A probe still running from an earlier round is waited for, not
+        started again."""
+        if self.storage_probe is None or self.storage_probe.done():
+            self.storage_probe_started = time.monotonic()
+            self.storage_probe = asyncio.ensure_future(
+                asyncio.to_thread(
+                    probe_storage,
+                    self.storage_path,
+                    cluster=self.cfg.cluster,
+                    host=self.my_host,
+                    record=self.marker_record,
+                    low_space=self.cfg.local.low_space,
+                )
+            )
+        deadline = self.cfg.timings.peer_timeout
+        remaining = self.storage_probe_started + deadline - time.monotonic()
+        try:
+            return await asyncio.wait_for(asyncio.shield(self.storage_probe), max(0.0, remaining))
+        except TimeoutError:
+            hung = time.monotonic() - self.storage_probe_started
+            return StorageObs(
+                probe_ok=False,
+                stalled=True,
+                error=f"the storage probe of {self.storage_path} has not returned for {human_duration(hung)} "
+                f"(deadline {human_duration(deadline)}): the volume does not answer",
+            )
+
+    def verdict(self, now: float) -> Verdict | None:
+        """This node's verdict as it may be used now: STALLED once the observation behind it is older than
+        peer_timeout (a round that hangs), whatever it said. For reports and for the target's own step checks."""
+        if self.tracked is None or self.observation is None:
+            return None
+        return vouched(self.tracked.verdict, now - self.observation.at, self.cfg.timings.peer_timeout)
 
     def decide(self, obs: Observation) -> Verdict:
         reference = self.coordinator.reference(obs.at)
@@ -167,12 +207,10 @@ class Agent:
             reference,
             Thresholds(self.cfg.timings.crash_loop_restarts),
             self.coordinator.reference_commit(obs.at),
-            awaiting_mark=actions.awaiting_mark()
-            if (actions := self.coordinator.actions) is not None
-            else False,
+            awaiting_mark=obs.awaiting_mark,
         )
         previous = self.tracked.verdict.cls if self.tracked else None
-        self.tracked = track(self.tracked, verdict, obs.at)
+        self.tracked = track(self.tracked, verdict, obs.at, seen=obs.at)
         self.observation = obs
         self.rounds += 1
         if previous != verdict.cls:
@@ -188,14 +226,16 @@ class Agent:
             )
         return verdict
 
-    def maintain_marker(self, obs: Observation, verdict: Verdict) -> None:
+    async def maintain_marker(self, obs: Observation, verdict: Verdict) -> None:
         """Record this host's identity beside the state once the node is known good (DESIGN §3)."""
         if verdict.cls is not NodeClass.HEALTHY or obs.storage.marker is not MarkerState.ABSENT:
             return
         me = obs.minkms.node_by_host(self.my_host)
         marker = Marker(self.cfg.cluster, self.my_host, me.node_id if me else None, time.time())
         try:
-            write_marker(self.storage_path, marker, self.marker_record)
+            await self.coordinator.disk.run(
+                "identity marker", write_marker, self.storage_path, marker, self.marker_record
+            )
             log.info(logs.kv(event="marker_written", path=self.cfg.local.storage_path))
         except OSError as exc:
             log.warning(logs.kv(event="marker_failed", error=exc))
@@ -206,26 +246,36 @@ class Agent:
             return
         obs = await self.observe()
         verdict = self.decide(obs)
-        self.maintain_marker(obs, verdict)
+        await self.maintain_marker(obs, verdict)
         self.notifier.status(self.status_line())
 
     def node_report(self, now: float) -> NodeReport | None:
         """What this agent tells its peers about its own node; None on a witness or before the first round."""
-        if self.tracked is None or self.observation is None:
+        verdict = self.verdict(now)
+        if verdict is None or self.observation is None or self.tracked is None:
             return None
-        verdict = self.tracked.verdict
+        if verdict.cls is not self.tracked.verdict.cls:
+            self._log_stalled(verdict)
         me = self.observation.minkms.node_by_host(self.my_host)
         return NodeReport(
             cls=verdict.cls.value,
             reason=verdict.reason,
-            held_seconds=round(held_for(self.tracked, now), 3),
+            held_seconds=round(held_for(self.tracked, self.observation.at), 3),
             host=self.my_host,
             node_id=me.node_id if me else None,
             role=me.role if me else "",
             commit=me.commit if me else None,
             leader_id=me.leader_id if me else None,
             members=me.members if me else (),
+            observed_seconds=round(max(0.0, now - self.observation.at), 3),
         )
+
+    def _log_stalled(self, verdict: Verdict) -> None:
+        """Once per stalled observation: the log says when this agent stopped vouching for its own verdict."""
+        assert self.observation is not None
+        if self._stalled_logged != self.observation.at:
+            self._stalled_logged = self.observation.at
+            log.warning(logs.kv(event="observation_stalled", node=self.cfg.name, reason=verdict.reason))
 
     # ---- presentation -----------------------------------------------------------------------------------
     def status_line(self) -> str:
@@ -240,19 +290,21 @@ class Agent:
             return "starting: no observation yet"
         t = self.tracked
         held = held_for(t, now)
+        verdict = self.verdict(now) or t.verdict
         me = self.observation.minkms.node_by_host(self.my_host)
         where = f"; node {me.node_id}, {me.role}, commit {me.commit}" if me else ""
-        return f"{t.verdict.cls} for {human_duration(held)}: {t.verdict.reason}{where}{lead}{backup}"
+        return f"{verdict.cls} for {human_duration(held)}: {verdict.reason}{where}{lead}{backup}"
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
         obs = self.observation
         node: dict[str, Any] = {"name": self.cfg.name, "host": self.my_host, "role": self.cfg.me.role}
-        if self.tracked is not None:
+        verdict = self.verdict(now)
+        if self.tracked is not None and verdict is not None:
             node.update(
                 {
-                    "class": str(self.tracked.verdict.cls),
-                    "reason": self.tracked.verdict.reason,
+                    "class": str(verdict.cls),
+                    "reason": verdict.reason,
                     "since_seconds": round(held_for(self.tracked, now), 3),
                 }
             )
@@ -261,6 +313,9 @@ class Agent:
             node.update(
                 {
                     "observed_seconds_ago": round(now - obs.at, 3),
+                    "storage_probe_running_seconds": round(now - self.storage_probe_started, 3)
+                    if self.storage_probe is not None and not self.storage_probe.done()
+                    else None,
                     "service": _plain(asdict(obs.service)),
                     "health": _plain(asdict(obs.health)),
                     "storage": _plain(asdict(obs.storage)),
@@ -292,7 +347,8 @@ class Agent:
 
     def metrics(self) -> list[Metric]:
         labels = {"node": self.cfg.name}
-        current = self.tracked.verdict.cls if self.tracked else NodeClass.UNKNOWN
+        verdict = self.verdict(time.monotonic())
+        current = verdict.cls if verdict is not None else NodeClass.UNKNOWN
         metrics = [
             Metric("kmagent_up", "gauge", "1 while the agent runs", (({}, 1.0),)),
             Metric(
@@ -345,6 +401,23 @@ class Agent:
                     ((labels, 1.0 if obs.storage.probe_ok else 0.0),),
                 ),
             ]
+            metrics.append(
+                Metric(
+                    "kmagent_observation_age_seconds",
+                    "gauge",
+                    "age of the newest observation of the local node (STALLED past peer_timeout)",
+                    ((labels, time.monotonic() - obs.at),),
+                )
+            )
+        overdue = self.coordinator.disk.overdue()
+        metrics.append(
+            Metric(
+                "kmagent_disk_write_overdue_seconds",
+                "gauge",
+                "how long the oldest durable write past its deadline has been outstanding (0: the disk answers)",
+                (({}, overdue[1] if overdue is not None else 0.0),),
+            )
+        )
         if self.tracked is not None:
             metrics.append(
                 Metric(

@@ -12,6 +12,7 @@ from itertools import pairwise
 
 from agent.core.messages import NodeReport
 from agent.core.model import MarkerState, NodeClass, NodeStatus, Observation, ServiceState
+from agent.core.startup import operator_startup_failure
 
 __all__ = [
     "PeerEvidence",
@@ -72,6 +73,21 @@ def classify_local(
     local = obs.minkms.node_by_host(my_host)
     cluster_error = obs.minkms.error
 
+    # 0. STALLED: the storage probe did not return within its deadline (a hung volume). Its last answer, whatever
+    # it was, cannot be vouched for: never evidence for a wipe, never counted as healthy.
+    if obs.storage.stalled:
+        return Verdict(NodeClass.STALLED, obs.storage.error or "the storage probe did not return in time")
+
+    # 0b. VOLUME_MISSING: the storage path is not on the volume this node was marked on (an unmounted volume shows
+    # an empty directory of the root filesystem under its mount point). Whatever else is seen there, it is not
+    # this node's state: never STATE_LOST (a REJOIN would mark the wrong filesystem, a restore would overwrite
+    # state that still exists), never CORRUPT. An operator mounts the volume (DESIGN §6 rail 11).
+    if obs.storage.volume_missing:
+        return Verdict(
+            NodeClass.VOLUME_MISSING,
+            obs.storage.error or "the storage path is not on the volume this node was marked on",
+        )
+
     # 1. STATE_LOST: the state this node should hold is gone or is not ours.
     lost = _state_lost(obs, my_host, local, reference, awaiting_mark)
     if lost is not None:
@@ -92,6 +108,15 @@ def classify_local(
                 f"{restarts} restarts within the crash-loop window on broken storage ({'; '.join(broken)}): "
                 "not treated as corruption, the volume needs an operator",
             )
+        # Nor when minkms says why it cannot start and the reason is its config or its HSM/KMS backend: a
+        # REJOIN would throw away intact state and the fresh node would fail the same way.
+        startup = operator_startup_failure(obs.service.last_error)
+        if startup is not None:
+            return Verdict(
+                NodeClass.DOWN,
+                f"crash loop ({restarts} restarts within the window): minkms cannot start: {startup} "
+                "(config or HSM/KMS backend: an operator matter, not corruption)",
+            )
         return Verdict(
             NodeClass.CORRUPT, f"{restarts} restarts within the crash-loop window with state present"
         )
@@ -100,6 +125,8 @@ def classify_local(
     down: list[str] = []
     if obs.service.state is not ServiceState.ACTIVE:
         down.append(f"service is {obs.service.state.value}")
+        if startup := operator_startup_failure(obs.service.last_error):
+            down.append(f"minkms cannot start: {startup}")
     if obs.health.live is None:
         down.append("minkms does not answer the live probe")
     elif not obs.health.live:
@@ -291,22 +318,33 @@ def human_duration(seconds: float) -> str:
 
 @dataclass(frozen=True)
 class Tracked:
-    """A verdict and when its class began, on the observer's monotonic clock."""
+    """A verdict and when its class began, on the observer's monotonic clock; `seen`: when the newest observation
+    behind it was taken (None: the verdict is this agent's own inference of the moment, e.g. UNREACHABLE)."""
 
     verdict: Verdict
     since: float
+    seen: float | None = None
 
 
-def track(previous: Tracked | None, verdict: Verdict, now: float) -> Tracked:
-    """Carry `since` over while the class holds, so that a changing reason does not restart a grace timer."""
+def track(previous: Tracked | None, verdict: Verdict, now: float, seen: float | None = None) -> Tracked:
+    """Carry `since` over while the class holds, so that a changing reason does not restart a grace timer.
+
+    `seen`: when the observation behind `verdict` was taken (a report's observation is older than its receipt).
+    A class then begins when it was first observed and holds up to its newest observation, never beyond: one
+    STATE_LOST blip followed by a hung probe is one observation, held for 0 s however long the reports repeat it
+    (issue 12: a node rejoined on a blip frozen by a hung probe)."""
+    at = now if seen is None else min(now, seen)
     if previous is not None and previous.verdict.cls == verdict.cls:
-        return Tracked(verdict, previous.since)
-    return Tracked(verdict, now)
+        newest = seen if seen is None or previous.seen is None else max(previous.seen, seen)
+        return Tracked(verdict, previous.since, newest)
+    return Tracked(verdict, at, seen)
 
 
 def held_for(t: Tracked, now: float) -> float:
-    """Seconds the class has held; never negative, so a confused caller cannot make a timer look expired."""
-    return max(0.0, now - t.since)
+    """Seconds the class has held, up to its newest observation; never negative, so that a confused caller cannot
+    make a timer look expired."""
+    end = now if t.seen is None else min(now, t.seen)
+    return max(0.0, end - t.since)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -258,10 +258,15 @@ def ask_progress(action: Action, step: playbooks.Step, me: str, progress_known: 
 
 
 def evict_remove_refusal(action: Action, target_class: NodeClass | None) -> str | None:
-    """Why an EVICT's remove must not run now, or None: its target must still be failed in the anchor's view
-    (a resumed EVICT of a node that came back would remove a healthy member)."""
+    """Why a remove must not run now, or None. An EVICT's target must still be failed in the anchor's view (a
+    resumed EVICT of a node that came back would remove a healthy member). A REJOIN's target was fenced and emptied
+    by then, so its class says nothing, except when it serves: a REJOIN's target that is HEALTHY or DEGRADED at its
+    remove was healed by another anchor (re-added; if minkms reused its old id, the certified id would name the
+    healed node: issue 12)."""
     if action.kind == "EVICT" and target_class not in FAILED:
         return f"{action.target} is {target_class} now: not evicted"
+    if action.kind == "REJOIN" and target_class in (NodeClass.HEALTHY, NodeClass.DEGRADED):
+        return f"{action.target} is {target_class} now: it serves (healed by another anchor?), not removed"
     return None
 
 

@@ -21,6 +21,12 @@ class NodeClass(StrEnum):
     UNREACHABLE = "UNREACHABLE"
     AGENT_DOWN = "AGENT_DOWN"
     UNKNOWN = "UNKNOWN"
+    # The observation cannot be vouched for: a probe exceeded its deadline, or the newest observation is older
+    # than peer_timeout (a hung volume, a stalled agent). Never acted on, never counted as healthy.
+    STALLED = "STALLED"
+    # The storage path is not on the filesystem the node was marked on (an unmounted volume, an empty mount
+    # point): an operator matter, never STATE_LOST, never a REJOIN, and it blocks an automatic restore.
+    VOLUME_MISSING = "VOLUME_MISSING"
 
 
 class ServiceState(StrEnum):
@@ -49,6 +55,10 @@ class ServiceObs:
     restarts: int = 0  # the service manager's restart counter (NRestarts)
     main_pid: int | None = None
     restarts_in_window: int = 0  # restarts seen within timings.crash_loop_window, counted by the daemon
+    # The service manager's record of the last failed start (the unit's journal tail, the lab's log), secrets
+    # redacted and capped; None while the service runs without a restart, or when it cannot be read. Only ever
+    # matched (agent.core.startup): an operator-side start-up failure makes a crash loop DOWN, not CORRUPT.
+    last_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,13 @@ class StorageObs:
     low_space: bool = False
     marker: MarkerState = MarkerState.ABSENT
     error: str | None = None  # why the probe failed, for humans
+    stalled: bool = False  # the probe did not return within its deadline: nothing above can be vouched for
+    # The storage path is not on the volume recorded when the node was marked (an unmounted volume, an empty mount
+    # point, another filesystem): the reason comes first in `error`. Never lost state (DESIGN §6 rail 11).
+    volume_missing: bool = False
+    # The marker in place is the record's own, but the record lacks the volume identity (an older agent's) or
+    # records another one (renumbered devices): the daemon marks the node again (storage.refresh_identity).
+    identity_stale: bool = False
 
 
 @dataclass(frozen=True)
@@ -106,3 +123,7 @@ class Observation:
     health: HealthObs
     storage: StorageObs
     minkms: MinkmsView = field(default_factory=MinkmsView)
+    # This node's own REJOIN has started it fresh and not marked it yet (`execution.awaiting_mark`), read from the
+    # journal before the storage probe: one snapshot with it, so that a `mark` finishing between the probe and the
+    # classification cannot make "marker missing" look like a lost volume.
+    awaiting_mark: bool = False

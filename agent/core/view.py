@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from agent.core.classify import PeerEvidence, Verdict, classify_peer, lists_itself_later
+from agent.core.classify import PeerEvidence, Verdict, classify_peer, human_duration, lists_itself_later
 from agent.core.messages import Action, NodeReport, Report
 from agent.core.model import NodeClass
 
@@ -112,7 +112,7 @@ def classify_cluster(
         if m.is_witness:
             views.append(NodeView(m.name, None, report_age(peer, now), node))
             continue
-        reported = _reported_verdict(node)
+        reported = _reported_verdict(node, peer_timeout)
         in_reference = (
             reference is None
             or m.minkms_host in reference.values()
@@ -123,13 +123,39 @@ def classify_cluster(
     return tuple(views)
 
 
-def _reported_verdict(node: NodeReport | None) -> Verdict | None:
+def observed_at(view: NodeView, now: float) -> float | None:
+    """When the observation behind the view's verdict was taken, on this agent's clock: the node's own report's
+    observation (its age when sent, plus the report's age), None when the verdict is not the node's own word
+    (inferred here from silence and probes: it holds as of `now`) or the node does not say."""
+    node, verdict = view.node, view.verdict
+    if node is None or verdict is None or node.observed_seconds is None:
+        return None
+    if verdict.cls.value != node.cls or verdict.cls is NodeClass.STALLED:  # STALLED holds as of now
+        return None
+    return now - (view.report_age or 0.0) - node.observed_seconds
+
+
+def vouched(verdict: Verdict, observed_age: float | None, peer_timeout: float) -> Verdict:
+    """The verdict, or STALLED when the observation behind it is older than peer_timeout: a hung probe, a stalled
+    or paused agent keeps saying what it last saw, and that is no evidence for anything (not for a wipe, not for
+    "healthy"). `observed_age`: the observation's age when it was reported (None: not known, trusted as before).
+    One rule for this agent's own report and for what peers report."""
+    if observed_age is None or observed_age <= peer_timeout or verdict.cls is NodeClass.STALLED:
+        return verdict
+    return Verdict(
+        NodeClass.STALLED,
+        f"its newest observation is {human_duration(observed_age)} old (said {verdict.cls}: {verdict.reason})",
+    )
+
+
+def _reported_verdict(node: NodeReport | None, peer_timeout: float) -> Verdict | None:
     if node is None:
         return None
     try:
-        return Verdict(NodeClass(node.cls), node.reason)
+        verdict = Verdict(NodeClass(node.cls), node.reason)
     except ValueError:  # a newer peer's class this version does not know: not evidence of anything
         return Verdict(NodeClass.UNKNOWN, f"reported an unknown class {node.cls!r}")
+    return vouched(verdict, node.observed_seconds, peer_timeout)
 
 
 def anchor_candidates(views: Sequence[NodeView], max_lag: int = MAX_COMMIT_LAG) -> tuple[str, ...]:

@@ -15,7 +15,10 @@ rewrite that keeps the unfinished actions and, as tombstones, the ids of the las
 delayed step request for a finished action is still recognised after compaction.
 
 Records are dataclasses encoded by `agent.core.wire`, so that decoding is as strict as for peer messages.
-The methods block (fsync): call them from a thread (`asyncio.to_thread`); a lock keeps concurrent calls in order.
+The writing methods block (fsync): the daemon calls them from a thread, with a deadline (`agent.io.durable.Writes`);
+a lock keeps concurrent writes in order. Reads (`state`, `entries`, `find`) never wait for a write's fsync: they
+take a second, short lock, and see a record only once it is durable. A hung disk therefore stalls the writer, never
+the event loop that reads the state for every report.
 """
 
 from __future__ import annotations
@@ -412,18 +415,19 @@ class Journal:
         self._compact_bytes = compact_bytes
         self._appender = _Appender(self.path)
         self._fold: _Fold | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # writers, in order (held across the fsync)
+        self._state_lock = threading.Lock()  # the in-memory state (never held across disk I/O once loaded)
 
     # --- reading
 
     def replay(self) -> JournalState:
         """Read the file again and rebuild the state; JournalError when it cannot be trusted."""
-        with self._lock:
+        with self._lock, self._state_lock:
             return self._replay()
 
     def state(self) -> JournalState:
-        """The current state (replays the file on first use)."""
-        with self._lock:
+        """The current state (replays the file on first use); never waits for a write in progress."""
+        with self._state_lock:
             return self._loaded().snapshot()
 
     def _replay(self) -> JournalState:
@@ -496,19 +500,22 @@ class Journal:
         line = _line(rec)  # WireError (a ValueError) before anything is written
         aid = rec.action.id if isinstance(rec, _Begin) else rec.action_id
         with self._lock:
-            fold = self._loaded()
-            problem = fold.problem(rec)
+            with self._state_lock:
+                fold = self._loaded()
+                problem = fold.problem(rec)
             if must_exist and aid not in fold.actions:  # in a replay, this is a tombstone; here, a mistake
                 problem = f"{rec.kind} for action {aid}, which was never begun (or finished and compacted)"
 
             if problem is not None:
                 raise ValueError(problem)
-            self._appender.append(line)
-            fold.apply(rec, line)
-            return fold.actions[aid]
+            self._appender.append(line)  # the fsync: readers go on meanwhile, and see the record once durable
+            with self._state_lock:
+                fold.apply(rec, line)
+                return fold.actions[aid]
 
     def _compact(self) -> None:
-        fold = self._loaded()
+        with self._state_lock:
+            fold = self._loaded()
         keep = {aid: s for aid, s in fold.actions.items() if not s.finished}
         if len(keep) == len(fold.actions):
             return  # nothing finished to drop: a rewrite would not shrink the file
@@ -524,7 +531,8 @@ class Journal:
         data = b"".join(ln + b"\n" for ln in body)
         atomic_write(self.path, data, FILE_MODE)
         log.info(logs.kv(event="journal_compacted", path=self.path, kept=len(keep), size=len(data)))
-        self._fold, self._appender.good_size = compacted, len(data)
+        with self._state_lock:
+            self._fold, self._appender.good_size = compacted, len(data)
 
     # --- the agreement state
 
@@ -609,7 +617,8 @@ class History:
         self.path = Path(path)
         self._appender = _Appender(self.path)
         self._entries: list[HistoryEntry] | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # writers, in order (held across the fsync)
+        self._state_lock = threading.Lock()  # the entries in memory (readers never wait for a write's fsync)
 
     def append(self, entry: HistoryEntry) -> None:
         """Append and fsync; evidence and texts too long for a record are clipped, not refused."""
@@ -621,24 +630,26 @@ class History:
         )
         line = _line(_HistoryRecord("history", VERSION, entry))
         with self._lock:
-            entries = self._load()
+            with self._state_lock:
+                self._load()
             self._appender.append(line)
-            entries.append(entry)
+            with self._state_lock:
+                self._load().append(entry)
 
     def entries(self, limit: int | None = None) -> list[HistoryEntry]:
         """The recorded actions, newest last; the last `limit` of them when given."""
-        with self._lock:
+        with self._state_lock:
             entries = self._load()
             return list(entries if limit is None else entries[max(0, len(entries) - limit) :])
 
     def find(self, action_id: str) -> HistoryEntry | None:
-        with self._lock:
+        with self._state_lock:
             return next((e for e in reversed(self._load()) if e.action.id == action_id), None)
 
     def recent(self, target: str, since_wall: float) -> list[HistoryEntry]:
         """Actions on `target` that were still running at or after `since_wall`: what the cooldown and the hourly
         budget of DESIGN §6.6 count."""
-        with self._lock:
+        with self._state_lock:
             return [e for e in self._load() if e.action.target == target and e.finished >= since_wall]
 
     def _load(self) -> list[HistoryEntry]:

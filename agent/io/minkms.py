@@ -84,6 +84,10 @@ RC_CANNOT_PREPARE = 125  # the call could not be prepared (API key unreadable, t
 RC_NOT_EXECUTABLE = 126  # shell conventions
 RC_NOT_FOUND = 127
 RC_KILLED = -9
+RC_FENCED = 124  # a destructive command refused by its fence (agent.core.fencing): it was never started
+
+Fence = Callable[[], tuple[float, str | None]]
+"""Called right before a destructive command starts: (timeout to run with, None) or (0, why it must not)."""
 
 # Only these variables of the agent's environment reach the CLI: no proxy (the CLI talks to the local node),
 # no stray MINIO_KMS_* of an operator's shell, no NOTIFY_SOCKET.
@@ -184,10 +188,15 @@ class Minkms:
         await self.close()
 
     # ---- CLI ------------------------------------------------------------------------------------------
-    async def run(self, *args: str, server: str | None = None, timeout: float | None = None) -> CommandResult:
+    async def run(
+        self, *args: str, server: str | None = None, timeout: float | None = None, fence: Fence | None = None
+    ) -> CommandResult:
         """Run `minkms ARGS...` against `server` (default: the local node).
 
-        Never raises for a failure of the call (see CommandResult); only a malformed `server` is a ValueError.
+        `fence`, for a destructive command: called immediately before the child is started, after everything
+        that may block (the API key is read and the trust store synced in a thread first); it returns the timeout
+        to run with, or why the command must not leave (RC_FENCED, nothing started). Never raises for a failure
+        of the call (see CommandResult); only a malformed `server` is a ValueError.
         """
         limit = self.settings.command_timeout if timeout is None else timeout
         argv = tuple(os.fspath(a) for a in self.settings.cli) + tuple(args)
@@ -203,10 +212,17 @@ class Minkms:
             return failed(RC_CANNOT_PREPARE, "no minkms server configured")
         key = ""
         try:
-            key = self.settings.api_key().strip()
-            env = self._environment(target, key)
+            if fence is None:
+                key = self.settings.api_key().strip()
+                env = self._environment(target, key)
+            else:  # no blocking call between the fence and the start: prepare off the loop, first
+                key, env = await asyncio.to_thread(self._prepare, target)
         except Exception as exc:  # the key file and the CA are the caller's files: report, do not raise
             return failed(RC_CANNOT_PREPARE, _redact(f"cannot prepare the minkms call: {_explain(exc)}", key))
+        if fence is not None:
+            limit, refusal = fence()
+            if refusal is not None:
+                return failed(RC_FENCED, f"fenced, not started: {refusal}")
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -260,6 +276,10 @@ class Minkms:
             timed_out_after=limit if timed_out else None,
             truncated=out.truncated or err.truncated,
         )
+
+    def _prepare(self, server: str) -> tuple[str, dict[str, str]]:
+        key = self.settings.api_key().strip()
+        return key, self._environment(server, key)
 
     def _environment(self, server: str, key: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k in _ENV_KEEP or k.startswith("LC_")}
@@ -321,7 +341,9 @@ class Minkms:
             log.exception("unexpected error reading the cluster status")
             return MinkmsView(error=f"cannot read the cluster status: {type(exc).__name__}")
 
-    async def edit_remove(self, host: str, node_ids: Sequence[int]) -> CommandResult:
+    async def edit_remove(
+        self, host: str, node_ids: Sequence[int], fence: Fence | None = None
+    ) -> CommandResult:
         """Forced removal of dead nodes, applied by the surviving HOST (runbook step 2)."""
         if not node_ids:
             raise ValueError("edit_remove needs at least one node id")
@@ -330,21 +352,21 @@ class Minkms:
             if isinstance(node_id, bool) or not isinstance(node_id, int) or node_id < 0:
                 raise ValueError(f"invalid node id {node_id!r}")
             args += [EDIT_RM_FLAG, str(node_id)]
-        return await self.run(*args, server=_checked_endpoint(host))
+        return await self.run(*args, server=_checked_endpoint(host), fence=fence)
 
-    async def add(self, existing: str, new: str) -> CommandResult:
+    async def add(self, existing: str, new: str, fence: Fence | None = None) -> CommandResult:
         """Add the fresh node NEW to the cluster through its member EXISTING (runbook step 4)."""
         member = _checked_endpoint(existing)
-        return await self.run(ADD_COMMAND, member, _checked_endpoint(new), server=member)
+        return await self.run(ADD_COMMAND, member, _checked_endpoint(new), server=member, fence=fence)
 
     async def backup(self, path: Path) -> CommandResult:
         """Snapshot the key database of the local node into `path` (overwritten)."""
         return await self.run(BACKUP_COMMAND, _path_arg(path), BACKUP_FORCE_FLAG)
 
-    async def restore(self, host: str, path: Path) -> CommandResult:
+    async def restore(self, host: str, path: Path, fence: Fence | None = None) -> CommandResult:
         """Restore the snapshot `path` onto the fresh single node HOST."""
         target = _checked_endpoint(host)
-        return await self.run(RESTORE_COMMAND, target, _path_arg(path), server=target)
+        return await self.run(RESTORE_COMMAND, target, _path_arg(path), server=target, fence=fence)
 
     # ---- health probes --------------------------------------------------------------------------------
     async def probe(self) -> HealthObs:

@@ -73,7 +73,8 @@ def test_anchor_skips_a_step_its_target_shows_followed() -> None:
 def test_evict_remove_only_while_the_target_is_failed() -> None:
     assert execution.evict_remove_refusal(EVICT, NodeClass.UNREACHABLE) is None
     assert execution.evict_remove_refusal(EVICT, NodeClass.HEALTHY) is not None
-    assert execution.evict_remove_refusal(REJOIN, NodeClass.HEALTHY) is None
+    assert execution.evict_remove_refusal(REJOIN, NodeClass.DOWN) is None
+    assert execution.evict_remove_refusal(REJOIN, NodeClass.HEALTHY) is not None  # healed by another anchor
 
 
 def test_evict_verify_does_not_wait_for_writes_while_another_failed_member_remains() -> None:
