@@ -361,6 +361,17 @@ class Actions:
             raise web.HTTPForbidden(reason="certificate refused: " + "; ".join(problems)[:300])
         if action.target != self.cfg.name:
             raise web.HTTPForbidden(reason=f"the certificate names {action.target}, not this agent")
+        deposed = execution.deposed(
+            peer,
+            cert.term,
+            self.coordinator.election.anchor_hint(time.monotonic()),
+            self.coordinator.election.term,
+        )
+        if deposed is not None:
+            log.warning(
+                logs.kv(event="step_refused", action=action.id, step=req.step, peer=peer, reason=deposed)
+            )
+            return StepReply(False, deposed)
         async with self.lock:
             try:
                 return await self._target_step(cert, req.step)
@@ -456,7 +467,8 @@ class Actions:
             await _until(timeout, lambda: self._stopped(agent), "minkms to stop")
             return "minkms stopped"
         if step_name == "quarantine":
-            record = agent.marker_record
+            # the marker record says whether the storage path must be a mount point (require_mount unset) and on
+            # which volume it was marked: quarantine refuses a path that is not on it (an unmounted volume)
             expected = Marker(self.cfg.cluster, agent.my_host, None, 0.0)
             qdir = await asyncio.to_thread(
                 quarantine,
@@ -466,9 +478,9 @@ class Actions:
                 action.id,
                 require_mount=self.cfg.local.require_mount,
                 expected_marker=expected,
+                record=agent.marker_record,
                 now=time.time(),
             )
-            _ = record
             return f"state moved to {qdir}"
         if step_name == "start":
             until = time.time() + timeout + 60

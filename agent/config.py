@@ -49,6 +49,7 @@ __all__ = [
     "parse_duration",
     "parse_size",
     "read_secret",
+    "require_mount_summary",
     "split_hostport",
 ]
 
@@ -90,11 +91,15 @@ class LocalConfig:
 
     `supervisor` (development only) is the kmlab supervisor's control socket: when set, `service` names a lab
     program driven through it instead of a systemd unit.
+
+    `require_mount` is tri-state: True or False as set; None (unset, the default) means "from the marker record":
+    the storage path must be a mount point to be quarantined when it was one when the node was marked
+    (`agent.io.storage.mount_required`). An explicit value always wins.
     """
 
     storage_path: Path | None = None
     service: str = "minkms.service"
-    require_mount: bool = False
+    require_mount: bool | None = None
     low_space: int = 1024**3
     supervisor: Path | None = None
 
@@ -1096,6 +1101,56 @@ def check_config_main(path: str | None) -> int:
         f"OK: {target} (cluster {config.cluster}, agent {config.name}, {len(config.agents)} agents, "
         f"quorum {config.quorum})"
     )
-    for warning in config.warnings:
+    warnings = list(config.warnings)
+    if not config.is_witness:
+        line, warning = require_mount_summary(config)
+        print(f"local.require_mount: {line}")
+        if warning is not None:
+            warnings.append(warning)
+    for warning in warnings:
         print(f"warning: {warning}")
     return 0
+
+
+def require_mount_summary(config: Config) -> tuple[str, str | None]:
+    """What `local.require_mount` means on this host now, for `check-config`: (one line, a warning or None).
+
+    Unset, it follows the marker record in state.dir (written when the agent marks the node): a storage path that
+    was a mount point when marked must be one before its contents are moved aside. Reads the record only.
+    """
+    from agent.io.storage import StorageError, read_marker  # config stays importable without the I/O layer
+    from agent.preflight import record_path
+
+    explicit, storage = config.local.require_mount, config.local.storage_path
+    record = record_path(config.state.dir)
+    recorded, volume = None, None
+    try:
+        recorded = read_marker(record)
+    except (StorageError, OSError) as exc:
+        said, unreadable = f"the marker record {record} cannot be read ({exc})", True
+    else:
+        unreadable = False
+        volume = recorded.volume if recorded is not None else None
+        if recorded is None:
+            said = f"there is no marker record yet ({record}: the agent writes it when it marks the node)"
+        elif volume is None:
+            said = (
+                f"the marker record {record} has no volume identity (an older agent wrote it; the agent "
+                "records it once the node is healthy)"
+            )
+        else:
+            was = "a mount point" if volume.mount_point else "not a mount point"
+            said = f"the marker record says {storage} was {was} ({volume.describe()}) when marked"
+    if explicit is True:
+        return "true (set): the storage path must be a mount point before anything in it is moved aside", None
+    if explicit is False:
+        warning = None
+        if volume is not None and volume.mount_point:
+            warning = (
+                f"local.require_mount = false, but {said}: remove the setting to have the mount point required "
+                "(a missing volume is still VOLUME_MISSING, never lost state)"
+            )
+        return "false (set): never required, whatever the marker record says", warning
+    required = unreadable or (volume is not None and volume.mount_point)
+    verdict = "required" if required else "not required"
+    return f"unset: from the marker record: {verdict} ({said})", None

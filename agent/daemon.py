@@ -56,7 +56,7 @@ from agent.io.minkms import Minkms, MinkmsSettings
 from agent.io.notify import Notifier, watchdog_forever
 from agent.io.peers import PeerClient, PeerServer, Route
 from agent.io.service import LabSupervisor, ServiceControl, Systemd
-from agent.io.storage import Marker, probe_storage, write_marker
+from agent.io.storage import Marker, StorageError, probe_storage, refresh_identity, write_marker
 from agent.preflight import record_path
 
 log = logging.getLogger("kmagent")
@@ -227,17 +227,24 @@ class Agent:
         return verdict
 
     async def maintain_marker(self, obs: Observation, verdict: Verdict) -> None:
-        """Record this host's identity beside the state once the node is known good (DESIGN §3)."""
-        if verdict.cls is not NodeClass.HEALTHY or obs.storage.marker is not MarkerState.ABSENT:
+        """Record this host's identity beside the state once the node is known good (DESIGN §3), and the volume
+        it is on: again when the record lacks it (an older agent's) or names another one (renumbered devices)."""
+        if verdict.cls is not NodeClass.HEALTHY:
             return
-        me = obs.minkms.node_by_host(self.my_host)
-        marker = Marker(self.cfg.cluster, self.my_host, me.node_id if me else None, time.time())
         try:
-            await self.coordinator.disk.run(
-                "identity marker", write_marker, self.storage_path, marker, self.marker_record
-            )
-            log.info(logs.kv(event="marker_written", path=self.cfg.local.storage_path))
-        except OSError as exc:
+            if obs.storage.marker is MarkerState.ABSENT:
+                me = obs.minkms.node_by_host(self.my_host)
+                marker = Marker(self.cfg.cluster, self.my_host, me.node_id if me else None, time.time())
+                await self.coordinator.disk.run(
+                    "identity marker", write_marker, self.storage_path, marker, self.marker_record
+                )
+                log.info(logs.kv(event="marker_written", path=self.cfg.local.storage_path))
+            elif obs.storage.marker is MarkerState.OK and obs.storage.identity_stale:
+                await self.coordinator.disk.run(
+                    "identity marker", refresh_identity, self.storage_path, self.marker_record
+                )
+                log.info(logs.kv(event="volume_identity_recorded", path=self.cfg.local.storage_path))
+        except (OSError, StorageError) as exc:
             log.warning(logs.kv(event="marker_failed", error=exc))
 
     async def round(self) -> None:

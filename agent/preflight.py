@@ -5,6 +5,9 @@ balancer could read empty answers from and write new keys to. `minkms.service` r
 `ExecStartPre=`; it refuses the start when the storage path is empty, or lacks or contradicts this host's
 identity marker, while the agent's record says the host belongs to a cluster. REJOIN and RESTORE lift the
 refusal for their "start fresh" step with `authorise_fresh_start` and drop it with `revoke_fresh_start`.
+It also refuses, always (whatever the authorisation), a storage path that is not on the volume the record names
+(`agent.io.storage.volume_problem`: an unmounted volume, an empty mount point): minkms started there would build
+a fresh cluster on the root filesystem while this host's real state sits on the unmounted volume.
 
 `decide` is the whole decision, pure (facts and the wall time in, a verdict out); `gather` reads the facts
 without writing anything. It runs before the daemon, and without it, so it reads the config and the files
@@ -24,7 +27,15 @@ from typing import Any
 
 from agent.config import Config, StateConfig
 from agent.io.durable import fsync_dir, read_json, write_json
-from agent.io.storage import _ACTION_ID_RE, MARKER_NAME, Marker, StorageError, is_agent_file, read_marker
+from agent.io.storage import (
+    _ACTION_ID_RE,
+    MARKER_NAME,
+    Marker,
+    StorageError,
+    is_agent_file,
+    read_marker,
+    volume_problem,
+)
 
 RECORD_NAME = "marker.json"
 """The agent's own copy of the identity marker, in its state dir (written by the daemon with the marker)."""
@@ -95,6 +106,7 @@ class Facts:
     record_error: str | None = None
     fresh_start: FreshStart | None = None
     fresh_start_error: str | None = None
+    volume_missing: str | None = None  # why the storage path is not on the volume the record names
 
     @property
     def has_record(self) -> bool:
@@ -117,6 +129,17 @@ def _who(marker: Marker) -> str:
 def decide(facts: Facts, now_wall: float) -> Verdict:
     """Allow or refuse the start of minkms from the facts alone (pure; `now_wall` judges the authorisation)."""
     ours = f"cluster {facts.cluster!r} (host {facts.host!r})"
+    if facts.volume_missing is not None:
+        # Before everything else, and whatever a fresh-start authorisation says: no state of this host is here.
+        return Verdict(
+            False,
+            f"refusing to start minkms: {facts.volume_missing}. This host's state is on that volume, not "
+            f"here: started on {facts.storage}, minkms would come up as a fresh cluster on the wrong "
+            "filesystem while the real state sits on the unmounted volume. Mount the volume (check /etc/fstab, "
+            f"`findmnt {facts.storage}`, `journalctl -b` for the mount unit), then start minkms again. Only if the "
+            f'volume was replaced on purpose: remove the "volume" object from {facts.record_path}, and the agent '
+            "rejoins this node to the cluster (docs/operations.md, VOLUME_MISSING).",
+        )
     if facts.storage_error is not None:
         return Verdict(
             False,
@@ -338,6 +361,10 @@ def gather(storage: Path, state_dir: Path, *, cluster: str, host: str) -> Facts:
         fresh = read_fresh_start(state_dir)
     except ValueError as exc:
         fresh_error = str(exc)
+    try:
+        volume_missing = volume_problem(storage, record_marker, marker)
+    except Exception as exc:  # never raises; a doubt about the volume refuses the start
+        volume_missing = f"the volume of {storage} cannot be checked: {exc!r}"
     return Facts(
         cluster=cluster,
         host=host,
@@ -351,6 +378,7 @@ def gather(storage: Path, state_dir: Path, *, cluster: str, host: str) -> Facts:
         record_error=record_error,
         fresh_start=fresh,
         fresh_start_error=fresh_error,
+        volume_missing=volume_missing,
     )
 
 

@@ -270,6 +270,18 @@ def evict_remove_refusal(action: Action, target_class: NodeClass | None) -> str 
     return None
 
 
+def deposed(peer: str, cert_term: int, following: str | None, known_term: int) -> str | None:
+    """Why a target refuses a step request from `peer`, or None: this agent follows another anchor, in a term newer
+    than the certificate's. The request comes from a deposed anchor that stalled and woke up (issue 12): a step of
+    the same action comes again from the anchor that resumed it, certified in its own term."""
+    if following is None or following == peer or known_term <= cert_term:
+        return None
+    return (
+        f"refused: {peer} is deposed: this agent follows {following} in term {known_term}, "
+        f"the certificate is of term {cert_term}"
+    )
+
+
 def writes_wait_for(action: Action, views: Iterable[NodeView]) -> tuple[str, ...]:
     """Other failed nodes an EVICT's verify must not wait writes for (none for a REJOIN): while one is still a
     member, writes cannot work until its own EVICT, next, makes room; its target being out is then enough."""

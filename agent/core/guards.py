@@ -56,6 +56,10 @@ _SUPPORTS: dict[str, frozenset[NodeClass]] = {
 }
 # Members in these classes do not serve: while one is a member, minkms writes (an add among them) cannot succeed.
 _FAILED = frozenset({NodeClass.UNREACHABLE, NodeClass.STATE_LOST, NodeClass.CORRUPT})
+# VOLUME_MISSING (DESIGN §6 rail 11) is never acted on: it is in no class set of _SUPPORTS, and it is not "failed"
+# either (that would make it evictable to make room). Its minkms cannot run (the preflight refuses an unmounted
+# volume) and it stays a member, so another node's REJOIN would stall at its add: `evict-first` waits for it.
+_VOLUME_MISSING = frozenset({NodeClass.VOLUME_MISSING})
 
 
 @dataclass(frozen=True)
@@ -307,6 +311,19 @@ def _evict_first(action: Action, facts: ClusterFacts) -> str | None:
         return (
             f"{', '.join(dead)} failed and still a member: minkms writes need every member, "
             "so the add would stall; it must return or be evicted first"
+        )
+    unmounted = [
+        n.name
+        for n in facts.nodes
+        if n.name != action.target
+        and n.is_member
+        and n.verdict is not None
+        and n.verdict.cls in _VOLUME_MISSING
+    ]
+    if unmounted:
+        return (
+            f"{', '.join(unmounted)} is VOLUME_MISSING and still a member: minkms writes need every member, so "
+            "the add would stall; an operator must mount its volume first"
         )
     return None
 

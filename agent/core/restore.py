@@ -4,8 +4,9 @@ backup it uses, and what an operator is told. Pure.
 Called for: no node serves (none HEALTHY or DEGRADED) and the anchor's own node has lost its state. Allowed only
 when armed — `policy.auto_restore`, or an operator's `kmagent restore --approve` that every agent knows from the
 reports — and when every other node's agent reports its state lost for `restore_after`. A node without such
-evidence (unreachable, agent down, or holding state) blocks it: it may hold newer state than any backup. Only
-an operator's approval may name such nodes (`--accept-loss-of`), and never a node that serves.
+evidence (unreachable, agent down, holding state, VOLUME_MISSING: its volume is not mounted, STALLED: its
+storage probe hangs) blocks it: it may hold newer state than any backup. Only an operator's approval may name
+such nodes (`--accept-loss-of`), and never a node that serves.
 
 The restore runs on the anchor (a host whose state is lost), from the freshest backup any agent holds an intact
 copy of (`backups.choose`); the others then REJOIN it one at a time, as for any node whose state is lost.
@@ -41,6 +42,15 @@ BACKUP, SHA256, COMMIT, ACCEPT = "backup", "sha256", "commit", "accept_loss_of"
 REQUESTED_BY = "requested_by"  # who approved (guards.REQUESTED_BY is this one)
 APPROVAL_VALIDITY = 3600.0  # an approval is for the situation `explain` showed, not for the next disaster
 _SERVING = (NodeClass.HEALTHY, NodeClass.DEGRADED)
+# Every class but STATE_LOST (and the serving ones) blocks a restore, as an unreachable host does: its state may
+# still exist. These two say more precisely why (DESIGN §6 rails 10 and 11): neither is ever evidence of loss.
+_MAY_HOLD_STATE = {
+    NodeClass.VOLUME_MISSING: (
+        "its storage path is not on the volume it was marked on, and its state may still be on that volume "
+        "(mount it and it serves again)"
+    ),
+    NodeClass.STALLED: "its storage probe does not return (a hung volume): its state may still be there",
+}
 
 
 def needed(facts: ClusterFacts) -> bool:
@@ -165,10 +175,8 @@ def _blocks(node: NodeFacts, facts: ClusterFacts, accept: tuple[str, ...], appro
     if node.name in accept:
         return None
     if cls is not NodeClass.STATE_LOST:
-        return (
-            f"{node.name} is {cls}: it may hold newer state than any backup "
-            f"(an operator may accept its loss: --accept-loss-of {node.name})"
-        )
+        why = _MAY_HOLD_STATE.get(cls, "it may hold newer state than any backup")
+        return f"{node.name} is {cls}: {why} (an operator may accept its loss: --accept-loss-of {node.name})"
     needed = facts.timings.restore_after
     if not approved and node.held_seconds < needed:
         return (

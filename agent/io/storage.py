@@ -5,11 +5,20 @@ given: `quarantine` *moves* the contents aside (a copy across filesystems is rem
 the copy is complete and fsynced), and `prune_quarantine` removes only quarantine directories it recognises
 by name. All functions are blocking; the daemon runs them in a thread with its own timeout, because a dead
 network volume can hang any system call.
+
+Volume identity (DESIGN §6 rail 11). When the node is marked, the marker and its record also keep the storage
+path's filesystem identity (`VolumeId`: st_dev, whether it was a mount point, and, when cheaply found, the fs type,
+the mounted source and the filesystem UUID). A host that boots without its data volume shows an empty directory
+of the root filesystem under the mount point: `volume_problem` tells it from lost state, so that the node is
+VOLUME_MISSING (an operator matter), never STATE_LOST, and the preflight refuses to start minkms on it. The
+marker format stays 1: the identity is an optional "volume" object, ignored by older agents; markers and records
+without it read as "identity unknown", and the agent then behaves as before.
 """
 
 from __future__ import annotations
 
 import calendar
+import dataclasses
 import errno
 import json
 import logging
@@ -39,6 +48,10 @@ _QDIR_RE = re.compile(r"(\d{8}T\d{6}Z)-([A-Za-z0-9._-]{1,64})")
 _TIME_FORMAT = "%Y%m%dT%H%M%SZ"
 _MAX_MARKER_BYTES = 64 * 1024
 _MOVE_PASSES = 3
+_DEV_RE = re.compile(r"\d{1,10}:\d{1,10}")
+MOUNTINFO = Path("/proc/self/mountinfo")
+BY_UUID = Path("/dev/disk/by-uuid")
+_MAX_UUID_LINKS = 4096  # a bound on the by-uuid scan, whatever a host has
 
 
 class StorageError(Exception):
@@ -46,22 +59,97 @@ class StorageError(Exception):
 
 
 @dataclass(frozen=True)
+class VolumeId:
+    """The filesystem a storage path was on when the node was marked (DESIGN §6 rail 11).
+
+    `dev` is the path's st_dev as "major:minor"; `mount_point` whether the (resolved) path was a mount point
+    (os.path.ismount). `fstype` and `source` come from /proc/self/mountinfo, `uuid` from /dev/disk/by-uuid: both
+    are optional (None when not found; never required, never waited for).
+    """
+
+    dev: str
+    mount_point: bool
+    fstype: str | None = None
+    uuid: str | None = None
+    source: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "dev": self.dev,
+            "mount_point": self.mount_point,
+            "fstype": self.fstype,
+            "uuid": self.uuid,
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> VolumeId:
+        if not isinstance(data, dict):
+            raise StorageError(f"malformed marker {where}: 'volume' must be an object or null")
+        dev, mount_point = data.get("dev"), data.get("mount_point")
+        if not isinstance(dev, str) or not _DEV_RE.fullmatch(dev):
+            raise StorageError(f"malformed marker {where}: 'volume.dev' must be \"major:minor\"")
+        if not isinstance(mount_point, bool):
+            raise StorageError(f"malformed marker {where}: 'volume.mount_point' must be true or false")
+        optional: dict[str, str | None] = {}
+        for key in ("fstype", "uuid", "source"):
+            value = data.get(key)
+            if value is not None and (not isinstance(value, str) or not value or len(value) > 4096):
+                raise StorageError(
+                    f"malformed marker {where}: 'volume.{key}' must be a non-empty string or null"
+                )
+            optional[key] = value
+        return cls(dev, mount_point, optional["fstype"], optional["uuid"], optional["source"])
+
+    def describe(self) -> str:
+        """For humans: "xfs /dev/sdb1 (dev 8:17, UUID 5c1e...)"."""
+        source = self.source if self.source != self.fstype else None  # tmpfs, proc...: the name is the type
+        what = " ".join(x for x in (self.fstype, source) if x) or "a filesystem"
+        uuid = f", UUID {self.uuid}" if self.uuid else ""
+        return f"{what} (dev {self.dev}{uuid})"
+
+    def same_filesystem(self, other: VolumeId) -> bool:
+        """The same filesystem: the same UUID when both are known (whatever the device numbers: they may change
+        across reboots), else the same st_dev and, when both are known, the same fs type."""
+        if self.uuid is not None and other.uuid is not None:
+            return self.uuid == other.uuid
+        if self.dev != other.dev:
+            return False
+        return self.fstype is None or other.fstype is None or self.fstype == other.fstype
+
+
+@dataclass(frozen=True)
 class Marker:
-    """Who the state in a storage path belongs to; `written` is wall time (for humans, never compared)."""
+    """Who the state in a storage path belongs to; `written` is wall time (for humans, and to tell one mark from
+    another: `same_mark`). `volume` is the storage path's filesystem identity when it was written (None: unknown,
+    an older agent's marker)."""
 
     cluster: str
     host: str
     node_id: int | None
     written: float
+    volume: VolumeId | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "format": MARKER_FORMAT,
             "cluster": self.cluster,
             "host": self.host,
             "node_id": self.node_id,
             "written": self.written,
         }
+        if self.volume is not None:
+            data["volume"] = self.volume.to_json()
+        return data
+
+    def same_mark(self, other: Marker) -> bool:
+        """Written by the same mark (a marker and its record, or a faithful copy of them), whatever `volume`."""
+        return (self.cluster, self.host, self.node_id, self.written) == (
+            other.cluster,
+            other.host,
+            other.node_id,
+            other.written,
+        )
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> Marker:
@@ -79,22 +167,32 @@ class Marker:
             raise StorageError(f"malformed marker {where}: 'node_id' must be an integer or null")
         if isinstance(written, bool) or not isinstance(written, int | float) or not math.isfinite(written):
             raise StorageError(f"malformed marker {where}: 'written' must be a number (wall time)")
-        return cls(cluster=cluster, host=host, node_id=node_id, written=float(written))
+        raw_volume = data.get("volume")
+        volume = None if raw_volume is None else VolumeId.from_json(raw_volume, where)
+        return cls(cluster=cluster, host=host, node_id=node_id, written=float(written), volume=volume)
 
 
 # ------------------------------------------------------------------------------------------------- marker
 
 
-def write_marker(storage: Path, marker: Marker, record: Path) -> None:
-    """Write the marker into the storage path, then its copy to `record` in the agent's state dir.
+def write_marker(storage: Path, marker: Marker, record: Path) -> Marker:
+    """Write the marker into the storage path, then its copy to `record` in the agent's state dir; returns what
+    was written: `marker` with the storage path's filesystem identity measured now (`volume_identity`; whatever
+    `marker.volume` said).
 
     The storage copy goes first: a record without a marker would read as MISSING (a replaced volume) after a
     crash in between, while a marker without a record is merely OK.
     """
-    data = (json.dumps(marker.to_json(), sort_keys=True) + "\n").encode()
     storage = Path(storage)
     if not storage.is_dir():
         raise StorageError(f"cannot write the marker: storage path {storage} is not an existing directory")
+    try:
+        volume: VolumeId | None = volume_identity(storage)
+    except OSError as exc:  # it was a directory an instant ago: write what we know, as older agents did
+        log.warning("cannot record the volume identity of %s: %s", storage, exc)
+        volume = None
+    marker = dataclasses.replace(marker, volume=volume)
+    data = (json.dumps(marker.to_json(), sort_keys=True) + "\n").encode()
     try:
         atomic_write(storage / MARKER_NAME, data)
     except OSError as exc:
@@ -105,6 +203,7 @@ def write_marker(storage: Path, marker: Marker, record: Path) -> None:
         atomic_write(record, data, mode=0o600)
     except OSError as exc:
         raise StorageError(f"cannot write the marker record {record}: {exc}") from exc
+    return marker
 
 
 def read_marker(path: Path) -> Marker | None:
@@ -135,6 +234,191 @@ def _read_marker_file(path: Path) -> Marker | None:
     return Marker.from_json(data, str(path))
 
 
+def refresh_identity(storage: Path, record: Path) -> Marker | None:
+    """Mark the node again, with the volume identity measured now, when the marker in the storage path is the very
+    one of the record (`Marker.same_mark`) and the record lacks the identity (written by an older agent) or
+    records another one (device numbers renumbered across a reboot, or the state copied to a new volume by an
+    operator, marker included). Returns the new marker, or None when nothing was written.
+
+    The new marker has a new `written`, so that a stale copy of the old one (left on the root filesystem under a
+    mount point, say) is no longer taken for the marked volume. The daemon calls this for a HEALTHY node whose
+    probe says `identity_stale`; it re-checks everything itself, so a late call after a change does no harm.
+    """
+    storage, record = Path(storage), Path(record)
+    recorded = _read_marker_file(record)
+    found = _read_marker_file(storage / MARKER_NAME)
+    if recorded is None or found is None or not found.same_mark(recorded):
+        return None
+    current = volume_identity(storage)
+    if recorded.volume == current and found.volume == current:
+        return None
+    fresh = Marker(recorded.cluster, recorded.host, recorded.node_id, time.time())
+    written = write_marker(storage, fresh, record)
+    log.info(
+        "re-marked %s with its volume identity %s (recorded: %s)",
+        storage,
+        current.describe(),
+        recorded.volume.describe() if recorded.volume else "none",
+    )
+    return written
+
+
+def forget_volume(record: Path) -> bool:
+    """Drop the volume identity from the record (the operator's "this volume was replaced on purpose"): the node
+    then behaves as without identity (an empty storage path is STATE_LOST, and its REJOIN marks the new volume).
+    The record itself stays, so that the preflight still refuses a fresh start. True if there was one to drop."""
+    record = Path(record)
+    recorded = _read_marker_file(record)
+    if recorded is None or recorded.volume is None:
+        return False
+    data = (json.dumps(dataclasses.replace(recorded, volume=None).to_json(), sort_keys=True) + "\n").encode()
+    atomic_write(record, data, mode=0o600)
+    return True
+
+
+def mount_required(record: Path | None, explicit: bool | None) -> bool:
+    """Whether the storage path must be a mount point to be touched (`quarantine`): `local.require_mount` when
+    set (true or false wins), else what the marker record says — required when the storage path was a mount
+    point when the node was marked. No record, or one without identity (an older agent's): not required, as
+    before. A record that exists but cannot be read: required (when in doubt, do not touch)."""
+    if explicit is not None:
+        return explicit
+    if record is None:
+        return False
+    try:
+        recorded = _read_marker_file(Path(record))
+    except StorageError as exc:
+        log.warning("require_mount from the marker record: %s; a mount point is required", exc)
+        return True
+    return recorded is not None and recorded.volume is not None and recorded.volume.mount_point
+
+
+# ------------------------------------------------------------------------------------------ volume identity
+
+
+def _dev(st_dev: int) -> str:
+    return f"{os.major(st_dev)}:{os.minor(st_dev)}"
+
+
+def volume_identity(path: Path) -> VolumeId:
+    """The filesystem identity of `path` now (raises OSError when it cannot be stat'ed).
+
+    st_dev and ismount are stat/lstat calls; the fs type and source come from /proc/self/mountinfo and the UUID
+    from /dev/disk/by-uuid (kernel pseudo-filesystems: they never wait for the volume), each None when not found.
+    """
+    st = os.stat(path)
+    real = os.path.realpath(path)
+    fstype, source = _mount_of(real, _dev(st.st_dev))
+    return VolumeId(_dev(st.st_dev), os.path.ismount(real), fstype, _uuid_of(st.st_dev), source)
+
+
+_OCTAL = re.compile(r"\\([0-7]{3})")
+
+
+def _unescape(field: str) -> str:
+    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _mount_of(real: str, dev: str) -> tuple[str | None, str | None]:
+    """(fs type, source) of the mount holding `real`: the deepest mount point above it, preferring the entries
+    of its own device; (None, None) when /proc/self/mountinfo cannot be read."""
+    try:
+        text = MOUNTINFO.read_text(errors="replace")
+    except OSError:
+        return None, None
+    best: tuple[bool, int, str, str] | None = None
+    for line in text.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if not sep or len(fields) < 5 or len(tail) < 2:
+            continue
+        point = _unescape(fields[4])
+        if not (real == point or point == "/" or real.startswith(point.rstrip("/") + "/")):
+            continue
+        key = (fields[2] == dev, len(point), tail[0], _unescape(tail[1]))
+        if best is None or key[:2] >= best[:2]:  # later entries over-mount earlier ones: the last one wins
+            best = key
+    return (best[2], best[3]) if best is not None else (None, None)
+
+
+def _uuid_of(st_dev: int) -> str | None:
+    """The filesystem UUID of a block-device filesystem (the /dev/disk/by-uuid link to the device that st_dev
+    names), None for anything else (tmpfs, NFS, overlay, btrfs subvolumes) or when udev keeps no such links."""
+    try:
+        with os.scandir(BY_UUID) as it:
+            for n, entry in enumerate(it):
+                if n >= _MAX_UUID_LINKS:
+                    break
+                try:
+                    st = os.stat(entry.path)
+                except OSError:
+                    continue
+                if stat.S_ISBLK(st.st_mode) and st.st_rdev == st_dev:
+                    return entry.name
+    except OSError:
+        return None
+    return None
+
+
+def _nearest(path: Path) -> tuple[Path, os.stat_result] | None:
+    """`path` or, when it does not exist, its nearest existing parent, with its stat; None when unknowable."""
+    for candidate in (path, *path.parents):
+        try:
+            return candidate, os.stat(candidate)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return None
+    return None
+
+
+def volume_problem(storage: Path, recorded: Marker | None, found: Marker | None) -> str | None:
+    """Why the storage path is not on the volume this node was marked on (VOLUME_MISSING), or None.
+
+    `recorded` is the agent's record, `found` the marker now in the storage path (None: none or unreadable).
+    None when the record carries no identity (an older agent's: as before), or when `found` is the very marker of
+    the record (it travels with the volume: this is the marked volume, whatever its device number now). Else the
+    storage path is missing when it was a mount point at mark time and is not one now (an empty mount point, or a
+    directory on the root filesystem), or when it is on another filesystem (`VolumeId.same_filesystem`). A path
+    that does not exist is judged by its nearest existing parent. The usual case costs no system call; the rest
+    stat/lstat calls, and /proc/self/mountinfo and /dev/disk/by-uuid reads to name the filesystems.
+    """
+    volume = recorded.volume if recorded is not None else None
+    if volume is None:
+        return None
+    if found is not None and recorded is not None and found.same_mark(recorded):
+        return None
+    storage = Path(storage)
+    near = _nearest(storage)
+    if near is None:
+        return None  # nothing can be said; the probe reports why the path cannot be checked
+    where, st = near
+    exists = where == storage
+    real = os.path.realpath(where)
+    dev = _dev(st.st_dev)
+    fstype, source = _mount_of(real, dev)
+    uuid = _uuid_of(st.st_dev) if volume.uuid is not None else None
+    now = VolumeId(dev, exists and os.path.ismount(real), fstype, uuid, source)
+    marked = f"{volume.describe()}{', a mount point' if volume.mount_point else ''}"
+    here = (
+        f"storage path {storage}"
+        if exists
+        else f"storage path {storage} does not exist and its parent {where}"
+    )
+    if volume.mount_point and not now.mount_point:
+        what = "a plain directory" if exists else "absent"
+        return (
+            f"volume missing: storage path {storage} was a mount point of {volume.describe()} when marked, "
+            f"and is {what} now, on {now.describe()}: the volume is probably not mounted"
+        )
+    if not volume.same_filesystem(now):
+        return (
+            f"volume missing: {here} is on another filesystem than when marked: marked on {marked}, "
+            f"now on {now.describe()}"
+        )
+    return None
+
+
 # -------------------------------------------------------------------------------------------------- probe
 
 
@@ -143,17 +427,19 @@ def is_agent_file(name: str) -> bool:
     return name == MARKER_NAME or name.startswith(PROBE_PREFIX) or name.startswith(_MARKER_TMP_PREFIX)
 
 
-def _marker_state(storage: Path, *, cluster: str, host: str, record: Path) -> tuple[MarkerState, str | None]:
+def _marker_state(
+    storage: Path, *, cluster: str, host: str, record: Path
+) -> tuple[MarkerState, str | None, Marker | None]:
     try:
         marker = _read_marker_file(storage / MARKER_NAME)
     except StorageError as exc:
         # Unverifiable identity is treated as someone else's: it must not pass for ours.
-        return MarkerState.MISMATCH, str(exc)
+        return MarkerState.MISMATCH, str(exc), None
     if marker is not None:
         if marker.cluster == cluster and marker.host == host:
-            return MarkerState.OK, None
-        return MarkerState.MISMATCH, None
-    return (MarkerState.MISSING if _exists(Path(record)) else MarkerState.ABSENT), None
+            return MarkerState.OK, None, marker
+        return MarkerState.MISMATCH, None, marker
+    return (MarkerState.MISSING if _exists(Path(record)) else MarkerState.ABSENT), None, None
 
 
 def _exists(path: Path) -> bool:
@@ -186,7 +472,13 @@ def probe_storage(storage: Path, *, cluster: str, host: str, record: Path, low_s
       *not* empty: probe_ok is False and `error` says why;
     * marker: OK (present, this cluster and host), MISMATCH (another cluster or host, or unreadable),
       MISSING (absent here but `record` exists: a marker was written before, so the volume changed),
-      ABSENT (absent and never written). A missing storage path reads MISSING/ABSENT the same way.
+      ABSENT (absent and never written). A missing storage path reads MISSING/ABSENT the same way;
+    * volume_missing: the record carries the volume identity, and the storage path is not on that volume
+      (`volume_problem`, whose reason comes first in `error`); checked whatever else the probe found;
+    * identity_stale: the marker in place is the record's own, but the record lacks the identity or records
+      another one (`refresh_identity` marks the node again).
+    A record that exists but cannot be read is volume_missing too ("volume unverifiable") unless this host's own
+    marker is in place: it proves the host was marked, no longer on which volume.
     """
     try:
         return _probe(Path(storage), cluster=cluster, host=host, record=Path(record), low_space=low_space)
@@ -195,19 +487,65 @@ def probe_storage(storage: Path, *, cluster: str, host: str, record: Path, low_s
         return StorageObs(probe_ok=False, error=f"storage probe of {storage} failed: {exc!r}")
 
 
+def _recorded(record: Path) -> Marker | None:
+    return _read_record(record)[0]
+
+
+def _read_record(record: Path) -> tuple[Marker | None, str | None]:
+    """(the record, why it exists but cannot be trusted); (None, None) when there is none."""
+    try:
+        return _read_marker_file(record), None
+    except StorageError as exc:
+        return None, str(exc)
+
+
+def _unverifiable(record_error: str | None, marker: MarkerState) -> str | None:
+    """A damaged record proves this host was marked, but no longer on which volume: without our own marker in
+    place, the storage path cannot be told from an unmounted volume's empty mount point."""
+    if marker is MarkerState.OK or record_error is None:
+        return None
+    return f"volume unverifiable: {record_error}; the volume this node was marked on cannot be checked"
+
+
+def _volume_safe(storage: Path, recorded: Marker | None, found: Marker | None) -> str | None:
+    try:
+        return volume_problem(storage, recorded, found)
+    except Exception as exc:  # never raise from a probe; an unknown identity is judged as before
+        log.warning("cannot check the volume of %s: %r", storage, exc)
+        return None
+
+
+def _stale(recorded: Marker | None, found: Marker | None, st: os.stat_result, storage: Path) -> bool:
+    if recorded is None or found is None or not found.same_mark(recorded):
+        return False
+    volume = recorded.volume
+    if volume is None or found.volume != volume:
+        return True
+    return volume.dev != _dev(st.st_dev) or volume.mount_point != os.path.ismount(os.path.realpath(storage))
+
+
 def _probe(storage: Path, *, cluster: str, host: str, record: Path, low_space: int) -> StorageObs:
     errors: list[str] = []
+    recorded, record_error = _read_record(record)
+
+    def early(error: str) -> StorageObs:
+        marker = _no_path_marker(record)
+        missing = _volume_safe(storage, recorded, None) or _unverifiable(record_error, marker)
+        return StorageObs(
+            probe_ok=False,
+            marker=marker,
+            error=f"{missing}; {error}" if missing else error,
+            volume_missing=missing is not None,
+        )
+
     try:
         st = os.stat(storage)
     except FileNotFoundError:
-        marker, _ = _marker_state_safe(storage, cluster=cluster, host=host, record=record, exists=False)
-        return StorageObs(probe_ok=False, marker=marker, error=f"storage path {storage} does not exist")
+        return early(f"storage path {storage} does not exist")
     except OSError as exc:
-        marker, _ = _marker_state_safe(storage, cluster=cluster, host=host, record=record, exists=False)
-        return StorageObs(probe_ok=False, marker=marker, error=f"cannot stat {storage}: {exc}")
+        return early(f"cannot stat {storage}: {exc}")
     if not stat.S_ISDIR(st.st_mode):
-        marker, _ = _marker_state_safe(storage, cluster=cluster, host=host, record=record, exists=False)
-        return StorageObs(probe_ok=False, marker=marker, error=f"storage path {storage} is not a directory")
+        return early(f"storage path {storage} is not a directory")
 
     read_only = False
     free: int | None = None
@@ -234,9 +572,20 @@ def _probe(storage: Path, *, cluster: str, host: str, record: Path, low_space: i
         probe_ok = False
         errors.append(f"cannot list {storage}: {exc.strerror or exc}")
 
-    marker, marker_error = _marker_state_safe(storage, cluster=cluster, host=host, record=record, exists=True)
+    found: Marker | None = None
+    try:
+        marker, marker_error, found = _marker_state(storage, cluster=cluster, host=host, record=record)
+    except Exception as exc:  # never raise from a probe
+        marker, marker_error = MarkerState.MISMATCH, f"cannot check the marker: {exc!r}"
     if marker_error:
         errors.append(marker_error)
+    missing = _volume_safe(storage, recorded, found) or _unverifiable(record_error, marker)
+    if missing is not None:
+        errors.insert(0, missing)
+    try:
+        stale = missing is None and _stale(recorded, found, st, storage)
+    except Exception:  # a probe reports, it never raises; a stale identity is refreshed another time
+        stale = False
     return StorageObs(
         probe_ok=probe_ok,
         read_only=read_only,
@@ -245,18 +594,17 @@ def _probe(storage: Path, *, cluster: str, host: str, record: Path, low_space: i
         low_space=free is not None and free < low_space,
         marker=marker,
         error="; ".join(errors) or None,
+        volume_missing=missing is not None,
+        identity_stale=stale,
     )
 
 
-def _marker_state_safe(
-    storage: Path, *, cluster: str, host: str, record: Path, exists: bool
-) -> tuple[MarkerState, str | None]:
+def _no_path_marker(record: Path) -> MarkerState:
+    """The marker state of a storage path that is not a directory: MISSING once a record exists, else ABSENT."""
     try:
-        if not exists:
-            return (MarkerState.MISSING if _exists(Path(record)) else MarkerState.ABSENT), None
-        return _marker_state(storage, cluster=cluster, host=host, record=record)
-    except Exception as exc:  # never raise from a probe
-        return MarkerState.MISMATCH, f"cannot check the marker: {exc!r}"
+        return MarkerState.MISSING if _exists(Path(record)) else MarkerState.ABSENT
+    except Exception:  # never raise from a probe
+        return MarkerState.MISMATCH
 
 
 # ---------------------------------------------------------------------------------------------- quarantine
@@ -366,8 +714,9 @@ def quarantine(
     root: Path,
     action_id: str,
     *,
-    require_mount: bool = False,
+    require_mount: bool | None = False,
     expected_marker: Marker | None = None,
+    record: Path | None = None,
     now: float,
 ) -> Path:
     """Move the contents of the storage path into `root/<UTC YYYYmmddTHHMMSSZ>-<action_id>/` (DESIGN §5).
@@ -378,6 +727,10 @@ def quarantine(
     QUARANTINE.json) is returned without moving anything, so a replayed step cannot sweep away the fresh state
     a later step created. Nothing already in quarantine is ever overwritten (a clashing name gets a
     `.kmagent-dup-N` suffix). Transient probe files are left in place. Returns the quarantine dir.
+
+    `require_mount`: True or False as configured (`local.require_mount`); None: from the marker `record`
+    (`mount_required`). With `record`, it also refuses a storage path that is not on the volume the record names
+    (`volume_problem`): what is there is not this node's state, and its real state may sit on that volume.
     """
     if not isinstance(action_id, str) or not _ACTION_ID_RE.fullmatch(action_id):
         raise StorageError(f"refused: action id {action_id!r} must match [A-Za-z0-9._-]{{1,64}}")
@@ -398,8 +751,21 @@ def quarantine(
         raise StorageError(
             f"refused: quarantine root {qroot} and storage path {src} must not contain each other"
         )
-    if require_mount and not os.path.ismount(src):
-        raise StorageError(f"refused: storage path {src} is not a mount point and require_mount is set")
+    if mount_required(record, require_mount) and not os.path.ismount(src):
+        why = (
+            "local.require_mount is set"
+            if require_mount
+            else "the marker record says it was one when this node was marked (local.require_mount unset)"
+        )
+        raise StorageError(f"refused: storage path {src} is not a mount point, and it must be: {why}")
+    if record is not None:
+        try:
+            found = _read_marker_file(src / MARKER_NAME)
+        except StorageError:
+            found = None
+        problem = volume_problem(src, _recorded(Path(record)), found)
+        if problem is not None:
+            raise StorageError(f"refused: {problem}")
     if expected_marker is not None:
         try:
             marker = _read_marker_file(src / MARKER_NAME)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 from collections.abc import Mapping
@@ -722,3 +723,64 @@ def test_prune_preserves_the_count_and_restarts_are_never_negative() -> None:
         pruned = prune_samples(samples, now, window)
         for later in (now, now + 1.0, now + window / 2):
             assert restarts_within(pruned, later, window) == restarts_within(samples, later, window) >= 0
+
+
+# --- VOLUME_MISSING (DESIGN §6 rail 11): an unmounted volume is never lost state --------------------------------
+
+GONE = (
+    "volume missing: storage path /mnt/minio-kms was a mount point of xfs /dev/sdb1 (dev 8:17) when marked, "
+    "and is a plain directory now, on ext4 /dev/vda (dev 254:0): the volume is probably not mounted"
+)
+
+
+def unmounted(o: Observation, error: str | None = GONE) -> Observation:
+    """`o` seen on a storage path whose volume is missing (the probe's verdict, with its reason)."""
+    storage = dataclasses.replace(o.storage, volume_missing=True, error=error)
+    return dataclasses.replace(o, storage=storage)
+
+
+def test_an_empty_storage_path_off_its_volume_is_volume_missing_not_state_lost() -> None:
+    empty = obs(empty=True, marker=M.MISSING, state=S.FAILED, live=None, ready=None, minkms=NO_VIEW)
+    assert local(empty).cls is C.STATE_LOST  # without the volume check: what the agent said before
+    v = local(unmounted(empty))
+    assert v.cls is C.VOLUME_MISSING and v.reason == GONE  # the reason names both filesystems
+    assert "xfs /dev/sdb1 (dev 8:17)" in v.reason and "ext4 /dev/vda (dev 254:0)" in v.reason
+
+
+@pytest.mark.parametrize(
+    "o",
+    [
+        obs(empty=True, marker=M.MISSING),
+        obs(empty=True, marker=M.ABSENT, state=S.FAILED, live=None, ready=None),
+        obs(marker=M.MISMATCH),
+        obs(empty=True, marker=M.OK),
+        obs(restarts=9, counter=9, state=S.ACTIVATING, live=None, ready=None),  # crash loop: never CORRUPT
+        obs(restarts=9, counter=9, probe_ok=False, read_only=True, live=None, ready=None),
+        obs(minkms=FRESH),  # a fresh 1-node minkms started on the root filesystem
+        obs(),  # live and serving from files still open on the moved volume: still not on its volume
+    ],
+    ids=["empty", "empty-down", "foreign-marker", "only-marker", "crash-loop", "broken", "fresh", "serving"],
+)
+def test_volume_missing_comes_before_state_lost_and_corrupt(o: Observation) -> None:
+    for ref in (REF3, None):
+        v = local(unmounted(o), ref)
+        assert v.cls is C.VOLUME_MISSING, v
+        assert v.reason == GONE
+
+
+def test_volume_missing_without_a_reason_still_says_what() -> None:
+    v = local(unmounted(obs(empty=True), error=None))
+    assert v.cls is C.VOLUME_MISSING and "not on the volume this node was marked on" in v.reason
+
+
+def test_a_hung_probe_stays_stalled_even_off_its_volume() -> None:
+    o = unmounted(obs(empty=True))
+    o = dataclasses.replace(o, storage=dataclasses.replace(o.storage, stalled=True))
+    assert local(o).cls is C.STALLED
+
+
+def test_a_stale_identity_alone_changes_nothing() -> None:
+    """identity_stale only asks the daemon to re-mark the node: the class is the one the rest says."""
+    o = obs()
+    stale = dataclasses.replace(o, storage=dataclasses.replace(o.storage, identity_stale=True))
+    assert local(stale).cls is C.HEALTHY

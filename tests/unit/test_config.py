@@ -666,7 +666,8 @@ def test_defaults_match_the_design(tmp_path: Path) -> None:
     assert config.control == ControlConfig(Path("/run/kmagent/control.sock"), "kmagent-admin")
     assert config.metrics.address == "127.0.0.1:9464" and config.metrics.enabled
     assert config.peer.listen == "10.0.0.1:7443"
-    assert config.local == LocalConfig(Path("/mnt/minio-kms"), "minkms.service", False, 1024**3, None)
+    # require_mount unset (None): decided by the marker record (storage.mount_required)
+    assert config.local == LocalConfig(Path("/mnt/minio-kms"), "minkms.service", None, 1024**3, None)
     assert config.minkms == MinkmsConfig(
         cli=Path("/usr/local/bin/minkms"),
         server="https://10.0.0.1:7373",
@@ -983,11 +984,138 @@ def test_secret_content_never_appears(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 def test_check_config_main_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = write_files(tmp_path)
+    state = tmp_path / "state"
+    path = write_files(tmp_path, BASE + f'\n[state]\ndir = "{state}"\n')
     assert check_config_main(str(path)) == 0
     out, err = capsys.readouterr()
-    assert out == f"OK: {path} (cluster prod-kms, agent km1, 3 agents, quorum 2)\n"
+    assert out.splitlines() == [
+        f"OK: {path} (cluster prod-kms, agent km1, 3 agents, quorum 2)",
+        "local.require_mount: unset: from the marker record: not required (there is no marker record yet "
+        f"({state}/marker.json: the agent writes it when it marks the node))",
+    ]
     assert err == ""
+
+
+# ---- local.require_mount is tri-state: unset follows the marker record, true/false win ------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"), [("", None), ("require_mount = true", True), ("require_mount = false", False)]
+)
+def test_require_mount_is_tri_state(tmp_path: Path, line: str, expected: bool | None) -> None:
+    text = edit(BASE, ('storage_path = "/mnt/minio-kms"', f'storage_path = "/mnt/minio-kms"\n{line}'))
+    assert load_text(tmp_path, text).local.require_mount is expected
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ('"auto"', "expected true or false, got a string"),
+        ("1", "expected true or false, got an integer"),
+        ("0", "expected true or false, got an integer"),
+    ],
+)
+def test_require_mount_rejects_anything_but_a_boolean(tmp_path: Path, value: str, message: str) -> None:
+    """There is no spelled-out "auto": leaving the key out is the automatic mode, so a typo can never pass for it."""
+    text = edit(
+        BASE, ('storage_path = "/mnt/minio-kms"', f'storage_path = "/mnt/minio-kms"\nrequire_mount = {value}')
+    )
+    (issue,) = errors_of(tmp_path, text)
+    assert issue.key == "local.require_mount" and issue.message == message
+    assert issue.line == line_of(text, "require_mount")
+
+
+def _config_with_record(tmp_path: Path, require: str, record: str | None) -> tuple[Path, Path]:
+    state = tmp_path / "state"
+    state.mkdir()
+    if record is not None:
+        (state / "marker.json").write_text(record)
+    text = edit(BASE, ('storage_path = "/mnt/minio-kms"', f'storage_path = "/mnt/minio-kms"\n{require}'))
+    return write_files(tmp_path, text + f'\n[state]\ndir = "{state}"\n'), state / "marker.json"
+
+
+_MARKED = (
+    '{{"format": 1, "cluster": "prod-kms", "host": "10.0.0.1:7373", "node_id": 0, "written": 1{volume}}}'
+)
+_ON_MOUNT = (
+    ', "volume": {"dev": "8:17", "mount_point": true, "fstype": "xfs", "uuid": null, "source": "/dev/sdb1"}'
+)
+_NO_MOUNT = (
+    ', "volume": {"dev": "254:0", "mount_point": false, "fstype": "ext4", "uuid": null, "source": null}'
+)
+
+
+@pytest.mark.parametrize(
+    ("require", "record", "line", "warned"),
+    [
+        (
+            "",
+            _MARKED.format(volume=_ON_MOUNT),
+            "unset: from the marker record: required (the marker record says "
+            "/mnt/minio-kms was a mount point (xfs /dev/sdb1 (dev 8:17)) when marked)",
+            False,
+        ),
+        (
+            "",
+            _MARKED.format(volume=_NO_MOUNT),
+            "unset: from the marker record: not required (the marker record "
+            "says /mnt/minio-kms was not a mount point (ext4 (dev 254:0)) when marked)",
+            False,
+        ),
+        (
+            "",
+            _MARKED.format(volume=""),
+            "unset: from the marker record: not required (the marker record {record} "
+            "has no volume identity (an older agent wrote it; the agent records it once the node is healthy))",
+            False,
+        ),
+        (
+            "",
+            "{damaged",
+            "unset: from the marker record: required (the marker record {record} cannot be read "
+            "(malformed marker {record}: not valid JSON",
+            False,
+        ),
+        ("require_mount = true", None, "true (set): the storage path must be a mount point", False),
+        ("require_mount = false", _MARKED.format(volume=_ON_MOUNT), "false (set): never required", True),
+        ("require_mount = false", _MARKED.format(volume=_NO_MOUNT), "false (set): never required", False),
+    ],
+)
+def test_check_config_describes_require_mount(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    require: str,
+    record: str | None,
+    line: str,
+    warned: bool,
+) -> None:
+    path, record_path = _config_with_record(tmp_path, require, record)
+    assert check_config_main(str(path)) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert lines[1].startswith("local.require_mount: " + line.format(record=record_path)), lines
+    warnings = [x for x in lines if x.startswith("warning: local.require_mount = false")]
+    assert bool(warnings) is warned, lines
+    if warned:
+        assert "was a mount point" in warnings[0] and "remove the setting" in warnings[0]
+    assert err == ""
+
+
+def test_check_config_of_a_witness_says_nothing_of_require_mount(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = edit(
+        BASE,
+        (
+            'name = "km3"\naddress = "10.0.0.3:7443"\nminkms_host = "10.0.0.3:7373"',
+            'name = "km3"\naddress = "10.0.0.3:7443"\nrole = "witness"',
+        ),
+        ('name = "km1"\n\n', 'name = "km3"\n\n'),
+    )
+    path = write_files(tmp_path, text)
+    assert check_config_main(str(path)) == 0
+    out, _ = capsys.readouterr()
+    assert "require_mount" not in out and out.startswith("OK: ")
 
 
 def test_check_config_main_lists_every_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

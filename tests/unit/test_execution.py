@@ -267,3 +267,11 @@ def test_a_resumed_action_gives_way_only_to_one_a_quorum_holds() -> None:
     assert to_adopt(False, False, {"b": other, "c": other}, {other.id}, quorum=2) is None  # finished here
     split = {"b": other, "c": Action("evict-d-2-1", "EVICT", "d")}
     assert to_adopt(False, False, split, (), quorum=2) is None
+
+
+def test_a_target_refuses_a_step_of_a_deposed_anchor() -> None:
+    """Issue 12: an anchor that stalled sends a step late; the target follows the anchor of a newer term."""
+    assert execution.deposed("a1", 3, "a2", 4) is not None
+    assert execution.deposed("a1", 3, "a1", 4) is None  # re-elected itself
+    assert execution.deposed("a1", 4, "a2", 4) is None  # not newer: the certificate's own term
+    assert execution.deposed("a1", 3, None, 9) is None  # no anchor known: the certificate decides

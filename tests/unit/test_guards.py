@@ -503,3 +503,32 @@ def test_an_ack_starts_the_budget_afresh() -> None:
     assert "budget" not in rules(action, f)
     action, f = _rejoin_c(history=spent, acked=(("b", WALL - 900.0),))  # another node's ack changes nothing
     assert "budget" in rules(action, f)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DESIGN §6 rail 11: a VOLUME_MISSING node (its volume is not mounted) is never acted on, nor a STALLED one
+
+
+@pytest.mark.parametrize("cls", [NodeClass.VOLUME_MISSING, NodeClass.STALLED])
+@pytest.mark.parametrize("kind", ["REJOIN", "EVICT"])
+def test_a_missing_volume_or_a_hung_probe_is_never_acted_on_even_when_asked(
+    kind: str, cls: NodeClass
+) -> None:
+    f = facts(node("a"), node("b"), node("c", cls), node("d"))
+    asked = act(kind, "c", f)
+    asked = dataclasses.replace(asked, params=(*asked.params, ("requested_by", "root on a")))
+    assert rules(asked, f) == ["class"]
+    assert "only for" in check(asked, f)[0].reason
+
+
+def test_a_rejoin_waits_while_a_volume_missing_member_cannot_serve() -> None:
+    """Its minkms cannot run (the preflight refuses) and it stays a member: another node's add would stall."""
+    f = facts(node("a"), node("b"), node("c", LOST), node("d", NodeClass.VOLUME_MISSING))
+    (refusal,) = check(act("REJOIN", "c", f), f)
+    assert refusal.rule == "evict-first"
+    assert "d is VOLUME_MISSING and still a member" in refusal.reason and "mount its volume" in refusal.reason
+    # and it is never evicted to make room
+    assert rules(act("EVICT", "d", f), f) == ["class"]
+    # not a member any more (an operator removed it): nothing to wait for
+    out = facts(node("a"), node("b"), node("c", LOST), node("d", NodeClass.VOLUME_MISSING, member=False))
+    assert rules(act("REJOIN", "c", out), out) == []

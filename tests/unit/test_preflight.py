@@ -178,6 +178,39 @@ def test_an_authorisation_never_covers_another_identity_or_a_bad_path() -> None:
     refused(decide(facts(storage_error="storage path /x does not exist", fresh_start=valid), NOW), "/x")
 
 
+# ---- the volume (DESIGN §6 rail 11): an unmounted volume's empty mount point never starts minkms
+
+
+VOLUME_GONE = (
+    "volume missing: storage path /mnt/minio-kms was a mount point of xfs /dev/sdb1 (dev 8:17) when marked, "
+    "and is a plain directory now, on ext4 /dev/vda (dev 254:0): the volume is probably not mounted"
+)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"empty": True, "marker": None},
+        {"empty": True, "marker": None, "fresh_start": FreshStart("rejoin-7", NOW + 60, NOW - 10)},
+        {"empty": False, "marker": OURS, "fresh_start": FreshStart("restore-1", NOW + 60, NOW - 10)},
+        {"empty": True, "marker": None, "record": None, "record_error": "damaged"},
+    ],
+    ids=["empty", "authorised", "state-and-authorised", "damaged-record"],
+)
+def test_a_missing_volume_is_refused_whatever_else(changes: dict[str, object]) -> None:
+    """Before every other rule, and whatever a REJOIN or RESTORE authorised: a fresh start there would mark the
+    root filesystem as this node's volume, while its state sits on the unmounted one."""
+    reason = refused(
+        decide(facts(volume_missing=VOLUME_GONE, **changes), NOW),
+        VOLUME_GONE,  # what was found, naming both filesystems
+        "fresh cluster on the wrong filesystem",  # why
+        "Mount the volume",  # what to do
+        "findmnt /mnt/minio-kms",
+        f'remove the "volume" object from {RECORD}',  # and what if it was replaced on purpose
+    )
+    assert "\n" not in reason
+
+
 markers = hs.sampled_from([None, OURS, Marker("other", HOST, 0, NOW), Marker(CLUSTER, "h:1", 1, NOW)])
 
 
@@ -190,6 +223,7 @@ markers = hs.sampled_from([None, OURS, Marker("other", HOST, 0, NOW), Marker(CLU
     until=hs.sampled_from([None, NOW - 5, NOW, NOW + 5]),
     fresh_start_error=hs.sampled_from([None, "damaged"]),
     storage_error=hs.sampled_from([None, "gone"]),
+    volume_missing=hs.sampled_from([None, "volume missing: not a mount point now"]),
 )
 def test_never_allows_an_empty_path_of_a_member_without_a_valid_authorisation(
     empty: bool,
@@ -200,6 +234,7 @@ def test_never_allows_an_empty_path_of_a_member_without_a_valid_authorisation(
     until: float | None,
     fresh_start_error: str | None,
     storage_error: str | None,
+    volume_missing: str | None,
 ) -> None:
     f = facts(
         empty=empty,
@@ -210,13 +245,19 @@ def test_never_allows_an_empty_path_of_a_member_without_a_valid_authorisation(
         fresh_start=None if until is None else auth(until),
         fresh_start_error=fresh_start_error,
         storage_error=storage_error,
+        volume_missing=volume_missing,
     )
     verdict = decide(f, NOW)
     member = f.has_record or f.marker is not None
     authorised = until is not None and until > NOW and fresh_start_error is None
     foreign = marker_error is not None or (f.marker is not None and f.marker.host != HOST)
     foreign = foreign or (f.marker is not None and f.marker.cluster != CLUSTER)
-    if storage_error or foreign or (member and (empty or f.marker is None) and not authorised):
+    if (
+        volume_missing
+        or storage_error
+        or foreign
+        or (member and (empty or f.marker is None) and not authorised)
+    ):
         assert not verdict.ok, verdict.reason
     else:
         assert verdict.ok, verdict.reason
@@ -283,6 +324,86 @@ def test_check_follows_a_host_through_install_join_and_disk_loss(host: tuple[Pat
     refused(preflight.check(cfg, NOW + 30), "expired at 2023-11-14T22:13:50Z")
     assert revoke_fresh_start(state) is True
     refused(preflight.check(cfg, NOW), "is empty")
+
+
+def record_volume(state: Path, storage: Path, **changes: object) -> None:
+    """Rewrite the record as if the node had been marked on another volume (`changes` to its identity)."""
+    path = state / preflight.RECORD_NAME
+    data = json.loads(path.read_text())
+    data["volume"] = {**data["volume"], **changes}
+    path.write_text(json.dumps(data))
+
+
+def test_check_refuses_an_empty_mount_point_even_when_authorised(host: tuple[Path, Path, Path]) -> None:
+    """The record says the storage path was a mount point; now it is a plain, empty directory."""
+    path, storage, state = host
+    join_cluster(storage, state)
+    record_volume(state, storage, mount_point=True)
+    for entry in storage.iterdir():  # the volume is not mounted: what is left is the directory under it
+        entry.unlink()
+    refused(preflight.check(cfg_of(path), NOW), f"volume missing: storage path {storage} was a mount point")
+    authorise_fresh_start(state, "rejoin-1", NOW + 30)
+    refused(preflight.check(cfg_of(path), NOW), "volume missing", "Mount the volume")
+    storage.rmdir()  # the mount point directory itself gone: still the volume's absence, said as such
+    refused(preflight.check(cfg_of(path), NOW), "volume missing", "is absent now")
+
+
+def test_check_refuses_another_filesystem_than_recorded(host: tuple[Path, Path, Path]) -> None:
+    path, storage, state = host
+    join_cluster(storage, state)
+    record_volume(state, storage, dev="4095:4095", fstype="xfs", source="/dev/sdz1")
+    assert preflight.check(cfg_of(path), NOW).ok  # the record's own marker is there: it is the marked volume
+    (storage / MARKER_NAME).unlink()
+    refused(
+        preflight.check(cfg_of(path), NOW),
+        f"volume missing: storage path {storage} is on another filesystem than when marked: "
+        "marked on xfs /dev/sdz1 (dev 4095:4095), now on",
+    )
+
+
+def test_check_with_an_old_record_without_identity_behaves_as_before(host: tuple[Path, Path, Path]) -> None:
+    path, storage, state = host
+    join_cluster(storage, state)
+    record = state / preflight.RECORD_NAME
+    data = json.loads(record.read_text())
+    del data["volume"]
+    record.write_text(json.dumps(data))
+    for entry in storage.iterdir():
+        entry.unlink()
+    reason = refused(preflight.check(cfg_of(path), NOW), "is empty")
+    assert "volume" not in reason
+    authorise_fresh_start(state, "rejoin-1", NOW + 30)
+    assert preflight.check(cfg_of(path), NOW).ok
+
+
+def test_check_on_a_real_unmounted_volume(tmp_path: Path) -> None:
+    """A tmpfs bound onto the storage path (root only): marked there, then unmounted as at a boot without it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    vol, storage, state = tmp_path / "vol", tmp_path / "data", tmp_path / "state"
+    vol.mkdir()
+    storage.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "kmagent-pf", str(vol)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        subprocess.run(["mount", "--bind", str(vol), str(storage)], check=True, capture_output=True)
+        path = tmp_path / "kmagent.toml"
+        path.write_text(config_text(storage, state))
+        join_cluster(storage, state)
+        assert preflight.check(cfg_of(path), NOW).ok
+        subprocess.run(["umount", str(storage)], check=True, capture_output=True)
+        authorise_fresh_start(state, "rejoin-1", NOW + 30)
+        refused(
+            preflight.check(cfg_of(path), NOW), "was a mount point of tmpfs kmagent-pf", "plain directory"
+        )
+        subprocess.run(["mount", "--bind", str(vol), str(storage)], check=True, capture_output=True)
+        assert preflight.check(cfg_of(path), NOW).ok
+    finally:
+        for mounted in (storage, vol):
+            while os.path.ismount(mounted):
+                if subprocess.run(["umount", str(mounted)], capture_output=True).returncode != 0:
+                    subprocess.run(["umount", "-l", str(mounted)], capture_output=True)
+                    break
 
 
 def test_check_refuses_a_volume_of_another_cluster(host: tuple[Path, Path, Path]) -> None:

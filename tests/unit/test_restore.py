@@ -72,7 +72,15 @@ def test_an_operator_approval_arms_it_and_is_used_once() -> None:
 
 
 @pytest.mark.parametrize(
-    "cls", [NodeClass.UNREACHABLE, NodeClass.AGENT_DOWN, NodeClass.DOWN, NodeClass.CORRUPT]
+    "cls",
+    [
+        NodeClass.UNREACHABLE,
+        NodeClass.AGENT_DOWN,
+        NodeClass.DOWN,
+        NodeClass.CORRUPT,
+        NodeClass.VOLUME_MISSING,
+        NodeClass.STALLED,
+    ],
 )
 def test_a_node_without_evidence_of_loss_blocks_even_an_armed_restore(cls: NodeClass) -> None:
     f = lost_cluster(node("a", LOST), node("b", LOST), node("c", cls))
@@ -166,3 +174,53 @@ def test_a_loss_older_than_the_nodes_last_restore_never_licenses_another() -> No
     # a new loss of a, after its restore (held 3 s < 5 s ago), is evidence again
     again = lost_cluster(node("a", LOST, 3.0), node("b", LOST), node("c", LOST), history=(done,))
     assert "was restored" not in refusal(proposed(again), again)
+
+
+# ---- DESIGN §6 rail 11: a host whose volume is not mounted may still hold the newest state ----------------------
+
+MISSING, STALLED = NodeClass.VOLUME_MISSING, NodeClass.STALLED
+
+
+def test_every_host_booted_without_its_volume_is_no_total_loss() -> None:
+    """All three VOLUME_MISSING, auto_restore armed, backups everywhere: nothing is called for, nothing proposed."""
+    f = lost_cluster(node("a", MISSING), node("b", MISSING), node("c", MISSING))
+    assert not restore.needed(f) and not restore.called_for(f) and not restore.established(f)
+    assert restore.proposal(f) is None and restore.advice(f) is None
+    assert planner.decide(f).action is None
+    assert planner.candidates(f) == ()
+
+
+@pytest.mark.parametrize("cls", [MISSING, STALLED])
+def test_a_missing_volume_or_a_hung_probe_blocks_like_an_unreachable_host(cls: NodeClass) -> None:
+    f = lost_cluster(node("a", LOST), node("b", LOST), node("c", cls))
+    assert restore.needed(f) and not restore.established(f)
+    why = refusal(proposed(f), f)
+    assert f"c is {cls}: " in why and "may still" in why and "--accept-loss-of c" in why
+    assert planner.decide(f).action is None
+    advice = restore.advice(f) or ""
+    assert "c may hold newer state than that backup" in advice and "not armed" in advice
+    assert "--accept-loss-of c" in restore.command(f)
+    # an operator's approval that does not name it: still refused
+    approval = RestoreApproval(3, WALL + 600, "root on a")
+    approved = lost_cluster(
+        node("a", LOST), node("b", LOST), node("c", cls), approval=approval, policy=Policy()
+    )
+    assert f"c is {cls}" in refusal(proposed(approved), approved)
+    # named (--accept-loss-of c) after explain said what that loses: allowed, as for an unreachable host
+    named = dataclasses.replace(approved, approval=dataclasses.replace(approval, accept_loss_of=("c",)))
+    assert check(proposed(named), named) == []
+
+
+def test_a_restore_never_runs_on_a_node_whose_volume_is_missing() -> None:
+    f = lost_cluster(node("a", LOST), node("b", MISSING), node("c", LOST))
+    action = Action("restore-b-7-1", "RESTORE", "b", proposed(f).params)
+    assert "b is VOLUME_MISSING: a restore never runs over a node that may hold state" in refusal(action, f)
+    # nor is such a node a restore anchor
+    assert restore.proposal(dataclasses.replace(f, anchor="b")) is None
+
+
+def test_the_volume_missing_reason_says_where_the_state_may_be() -> None:
+    f = lost_cluster(node("a", LOST), node("b", LOST), node("c", MISSING))
+    assert "not on the volume it was marked on, and its state may still be on that volume" in refusal(
+        proposed(f), f
+    )

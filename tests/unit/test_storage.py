@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
 import shutil
+import stat
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
@@ -20,10 +22,16 @@ from agent.io.storage import (
     QUARANTINE_META,
     Marker,
     StorageError,
+    VolumeId,
+    forget_volume,
+    mount_required,
     probe_storage,
     prune_quarantine,
     quarantine,
     read_marker,
+    refresh_identity,
+    volume_identity,
+    volume_problem,
     write_marker,
 )
 
@@ -79,16 +87,25 @@ def marker(cluster: str = CLUSTER, host: str = HOST, node_id: int | None = 2) ->
     return Marker(cluster=cluster, host=host, node_id=node_id, written=NOW)
 
 
+def dev_of(path: Path) -> str:
+    st_dev = os.stat(path).st_dev
+    return f"{os.major(st_dev)}:{os.minor(st_dev)}"
+
+
 # -------------------------------------------------------------------------------------------------- marker
 
 
 def test_marker_roundtrip_writes_storage_and_record(paths: tuple[Path, Path, Path]) -> None:
     storage, record, _ = paths
     m = marker()
-    write_marker(storage, m, record)
-    assert read_marker(storage / MARKER_NAME) == m
-    assert read_marker(record) == m
-    assert read_marker(storage) == m  # a directory means the marker inside it
+    written = write_marker(storage, m, record)
+    # what was written is the marker with the storage path's volume identity, measured now
+    assert written == dataclasses.replace(m, volume=written.volume) and written.same_mark(m)
+    assert written.volume is not None and written.volume.dev == dev_of(storage)
+    assert written.volume.mount_point is False  # a directory of tmp_path's filesystem
+    assert read_marker(storage / MARKER_NAME) == written
+    assert read_marker(record) == written
+    assert read_marker(storage) == written  # a directory means the marker inside it
     assert sorted(os.listdir(storage)) == [MARKER_NAME]  # no temporary file left behind
     assert sorted(os.listdir(record.parent)) == [record.name]
 
@@ -447,7 +464,7 @@ def test_refuse_root_is_storage(paths: tuple[Path, Path, Path]) -> None:
 def test_refuse_not_a_mount_point(paths: tuple[Path, Path, Path]) -> None:
     storage, _, _ = paths
     populate(storage)
-    _refused(paths, "not a mount point and require_mount", require_mount=True)
+    _refused(paths, "not a mount point, and it must be: local.require_mount is set", require_mount=True)
 
 
 def test_require_mount_accepts_a_mount_point(tmpfs: Path, tmp_path: Path) -> None:
@@ -730,4 +747,416 @@ def test_probe_marker_that_is_a_directory_is_mismatch(paths: tuple[Path, Path, P
     obs = probe(storage, record)
     assert (
         obs.marker is MarkerState.MISMATCH and obs.error is not None and "cannot read the marker" in obs.error
+    )
+
+
+# ------------------------------------------------------------------------------------------ volume identity
+# DESIGN §6 rail 11: a host that boots without its data volume shows an empty directory under the mount point.
+# Hand-written records below stand for "marked on another disk": the record is the only thing the probe compares.
+
+
+def write_record(record: Path, volume: dict[str, object] | None, **fields: object) -> Marker:
+    """A record as an agent wrote it: with `volume` (None: an older agent's, without identity)."""
+    data: dict[str, object] = {"format": 1, "cluster": CLUSTER, "host": HOST, "node_id": 2, "written": NOW}
+    data.update(fields)
+    if volume is not None:
+        data["volume"] = volume
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(data))
+    found = read_marker(record)
+    assert found is not None
+    return found
+
+
+def here(path: Path, **changes: object) -> dict[str, object]:
+    """The volume identity of `path` as a record holds it, with `changes` (another dev, uuid, mount point)."""
+    data: dict[str, object] = {
+        "dev": dev_of(path),
+        "mount_point": os.path.ismount(path),
+        "fstype": None,
+        "uuid": None,
+    }
+    data.update(changes)
+    return data
+
+
+def test_marker_without_identity_is_the_old_format(tmp_path: Path) -> None:
+    """A marker without a volume serialises as before (format 1, no new key), and older files read back."""
+    assert "volume" not in marker().to_json() and marker().to_json()["format"] == 1
+    path = tmp_path / MARKER_NAME
+    path.write_text(json.dumps({"format": 1, "cluster": CLUSTER, "host": HOST, "node_id": 2, "written": NOW}))
+    old = read_marker(path)
+    assert old == marker() and old is not None and old.volume is None
+    path.write_text(json.dumps({**marker().to_json(), "volume": None}))
+    assert read_marker(path) == marker()
+
+
+@pytest.mark.parametrize(
+    ("volume", "reason"),
+    [
+        ("8:17", "'volume' must be an object"),
+        ({"mount_point": True}, "'volume.dev'"),
+        ({"dev": "sdb1", "mount_point": True}, "'volume.dev'"),
+        ({"dev": "8:17", "mount_point": "yes"}, "'volume.mount_point'"),
+        ({"dev": "8:17", "mount_point": True, "uuid": ""}, "'volume.uuid'"),
+        ({"dev": "8:17", "mount_point": True, "fstype": 4}, "'volume.fstype'"),
+    ],
+)
+def test_malformed_volume_identity_raises(tmp_path: Path, volume: object, reason: str) -> None:
+    path = tmp_path / MARKER_NAME
+    path.write_text(json.dumps({**marker().to_json(), "volume": volume}))
+    with pytest.raises(StorageError, match="malformed marker") as info:
+        read_marker(path)
+    assert reason in str(info.value)
+
+
+def test_volume_identity_of_a_directory(tmp_path: Path) -> None:
+    found = volume_identity(tmp_path)
+    assert found.dev == dev_of(tmp_path) and found.mount_point is False
+    assert found.fstype  # this test machine's /proc/self/mountinfo names the filesystem of tmp_path
+
+
+def test_fs_type_and_source_from_mountinfo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deepest mount above the path, its own device's entry first; escaped names decoded."""
+    info = tmp_path / "mountinfo"
+    info.write_text(
+        "27 1 254:0 / / rw - ext4 /dev/vda rw\n"
+        "40 27 8:17 / /mnt/minio\\040kms rw,relatime shared:5 - xfs /dev/sdb1 rw\n"
+        "41 27 0:50 / /mnt rw - tmpfs tmpfs rw\n"
+        "garbage line\n"
+    )
+    monkeypatch.setattr(st, "MOUNTINFO", info)
+    assert st._mount_of("/mnt/minio kms/data", "8:17") == ("xfs", "/dev/sdb1")
+    assert st._mount_of("/mnt/other", "0:50") == ("tmpfs", "tmpfs")
+    assert st._mount_of("/srv/kms", "254:0") == ("ext4", "/dev/vda")
+    assert st._mount_of("/mnt/minio kms", "99:1") == (
+        "xfs",
+        "/dev/sdb1",
+    )  # no entry of its device: the deepest
+    monkeypatch.setattr(st, "MOUNTINFO", tmp_path / "absent")
+    assert st._mount_of("/srv/kms", "254:0") == (None, None)
+
+
+def test_uuid_from_the_by_uuid_links(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The by-uuid link whose block device is st_dev; this machine has no /dev/disk/by-uuid, so the test builds
+    one pointing at the real block device of the root filesystem."""
+    root_dev = os.stat("/").st_dev
+    source = st._mount_of("/", dev_of(Path("/")))[1]
+    try:
+        real = os.stat(source) if source else None
+    except OSError:
+        real = None
+    if real is None or not stat.S_ISBLK(real.st_mode) or real.st_rdev != root_dev:
+        pytest.skip(f"the root filesystem's source {source!r} is not a block device node here")
+    links = tmp_path / "by-uuid"
+    links.mkdir()
+    (links / "1111-2222").symlink_to("/dev/null")
+    (links / "5c1e0f2a-aaaa").symlink_to(str(source))
+    (links / "dangling").symlink_to(tmp_path / "nothing")
+    monkeypatch.setattr(st, "BY_UUID", links)
+    assert st._uuid_of(root_dev) == "5c1e0f2a-aaaa"
+    assert st._uuid_of(os.makedev(4095, 4095)) is None
+    monkeypatch.setattr(st, "BY_UUID", tmp_path / "absent")
+    assert st._uuid_of(root_dev) is None
+
+
+def test_same_filesystem_prefers_the_uuid() -> None:
+    a = VolumeId("8:17", True, "xfs", "u-1")
+    assert a.same_filesystem(VolumeId("8:33", True, "xfs", "u-1"))  # renumbered across a reboot
+    assert not a.same_filesystem(VolumeId("8:17", True, "xfs", "u-2"))  # another disk at the same device
+    assert a.same_filesystem(VolumeId("8:17", True, "xfs", None))  # no UUID now: the device decides
+    assert not a.same_filesystem(VolumeId("8:17", True, "ext4", None))  # ... and the type, when both known
+    assert not a.same_filesystem(VolumeId("254:0", False, "ext4", None))
+
+
+def test_probe_on_the_marked_filesystem_sees_no_missing_volume(paths: tuple[Path, Path, Path]) -> None:
+    storage, record, _ = paths
+    write_marker(storage, marker(), record)
+    obs = probe(storage, record)
+    assert (
+        obs.marker is MarkerState.OK
+        and not obs.volume_missing
+        and not obs.identity_stale
+        and obs.error is None
+    )
+    # State lost on the same filesystem (the contents and the marker gone): STATE_LOST as before, not a volume
+    (storage / MARKER_NAME).unlink()
+    obs = probe(storage, record)
+    assert obs.empty and obs.marker is MarkerState.MISSING and not obs.volume_missing and obs.error is None
+
+
+def test_probe_another_filesystem_than_recorded_is_volume_missing(paths: tuple[Path, Path, Path]) -> None:
+    """The record says the node was marked on device 4095:4095; the empty storage path is on this one."""
+    storage, record, _ = paths
+    write_record(record, here(storage, dev="4095:4095", fstype="xfs", source="/dev/sdz1"))
+    obs = probe(storage, record)
+    assert obs.volume_missing and obs.empty and obs.marker is MarkerState.MISSING and obs.probe_ok
+    assert obs.error is not None and obs.error.startswith("volume missing: ")
+    assert (
+        "marked on xfs /dev/sdz1 (dev 4095:4095), now on" in obs.error
+        and f"(dev {dev_of(storage)}" in obs.error
+    )
+
+
+def test_probe_lost_mount_point_is_volume_missing(paths: tuple[Path, Path, Path]) -> None:
+    """Marked on a mount point; now a plain directory on the same device as its parent (the root filesystem)."""
+    storage, record, _ = paths
+    write_record(record, here(storage, mount_point=True))
+    obs = probe(storage, record)
+    assert obs.volume_missing and "was a mount point of" in (obs.error or "")
+    assert "is a plain directory now" in (obs.error or "")
+
+
+def test_probe_missing_storage_path_of_a_mount_point_is_volume_missing(
+    paths: tuple[Path, Path, Path],
+) -> None:
+    storage, record, _ = paths
+    write_record(record, here(storage, mount_point=True))
+    storage.rmdir()
+    obs = probe(storage, record)
+    assert obs.volume_missing and not obs.probe_ok and obs.marker is MarkerState.MISSING
+    assert obs.error is not None and "is absent now" in obs.error and "does not exist" in obs.error
+
+
+def test_probe_missing_storage_path_judged_by_its_parent(paths: tuple[Path, Path, Path]) -> None:
+    """A storage path below a mount point (/srv mounted, /srv/minkms the path) that failed to mount: the path is
+    gone and its nearest parent is on another filesystem."""
+    storage, record, _ = paths
+    write_record(record, here(storage, dev="4095:4095"))
+    storage.rmdir()
+    obs = probe(storage, record)
+    assert obs.volume_missing and obs.error is not None and f"its parent {storage.parent}" in obs.error
+    write_record(record, here(storage.parent))  # the same filesystem: a deleted directory, as before
+    assert not probe(storage, record).volume_missing
+
+
+def test_probe_old_record_without_identity_behaves_as_before(paths: tuple[Path, Path, Path]) -> None:
+    storage, record, _ = paths
+    write_record(record, None)
+    obs = probe(storage, record)
+    assert (
+        obs.empty and obs.marker is MarkerState.MISSING and not obs.volume_missing and not obs.identity_stale
+    )
+    # its marker in place: the identity is to be recorded (refresh_identity)
+    (storage / MARKER_NAME).write_text(record.read_text())
+    populate(storage)
+    obs = probe(storage, record)
+    assert obs.marker is MarkerState.OK and obs.identity_stale and not obs.volume_missing
+
+
+def test_marker_of_the_record_proves_the_volume_whatever_its_device(paths: tuple[Path, Path, Path]) -> None:
+    """Device numbers may change across reboots: the very marker of the record, on the volume, proves it is the
+    marked one. The node is then marked again with the identity measured now, under a new `written`."""
+    storage, record, _ = paths
+    populate(storage)
+    old = write_record(record, here(storage, dev="4095:4095"))
+    (storage / MARKER_NAME).write_text(record.read_text())
+    obs = probe(storage, record)
+    assert not obs.volume_missing and obs.identity_stale and obs.marker is MarkerState.OK
+    fresh = refresh_identity(storage, record)
+    assert fresh is not None and fresh.volume is not None and fresh.volume.dev == dev_of(storage)
+    assert not fresh.same_mark(old) and fresh.written > NOW and fresh.node_id == old.node_id
+    assert read_marker(record) == fresh == read_marker(storage)
+    obs = probe(storage, record)
+    assert not obs.identity_stale and not obs.volume_missing
+    assert refresh_identity(storage, record) is None  # nothing left to refresh
+
+
+def test_a_stale_copy_of_an_old_marker_does_not_prove_the_volume(paths: tuple[Path, Path, Path]) -> None:
+    """Once marked again, an old copy of the previous marker (left on the root filesystem under a mount point) is
+    not the record's own: the storage path is judged by its filesystem."""
+    storage, record, _ = paths
+    write_record(record, None)
+    stale = record.read_text()
+    (storage / MARKER_NAME).write_text(stale)
+    assert refresh_identity(storage, record) is not None
+    write_record(record, here(storage, mount_point=True), written=NOW + 10)  # re-marked on a mount point
+    (storage / MARKER_NAME).write_text(stale)  # the old copy in the directory under the unmounted mount point
+    obs = probe(storage, record)
+    assert obs.volume_missing and obs.marker is MarkerState.OK and not obs.identity_stale
+
+
+def test_refresh_identity_writes_nothing_for_another_mark(paths: tuple[Path, Path, Path]) -> None:
+    storage, record, _ = paths
+    write_record(record, None)
+    assert refresh_identity(storage, record) is None  # no marker in the storage path
+    write_marker(storage, marker(node_id=5), tmp := storage.parent / "other-record.json")
+    before = record.read_text()
+    assert refresh_identity(storage, record) is None and record.read_text() == before
+    assert tmp.exists()
+
+
+def test_probe_uuid_decides_over_the_device(
+    paths: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With both UUIDs known, the UUID decides (the host's by-uuid lookup is stood in for: this machine has none)."""
+    storage, record, _ = paths
+    monkeypatch.setattr(st, "_uuid_of", lambda _dev: "uuid-now")
+    write_record(record, here(storage, dev="4095:4095", uuid="uuid-now"))
+    assert not probe(storage, record).volume_missing  # renumbered, the same filesystem
+    write_record(record, here(storage, uuid="uuid-then"))
+    obs = probe(storage, record)  # the same device numbers, another filesystem (a new disk at the same place)
+    assert (
+        obs.volume_missing and "UUID uuid-then" in (obs.error or "") and "UUID uuid-now" in (obs.error or "")
+    )
+
+
+def test_probe_damaged_record_without_our_marker_is_unverifiable(paths: tuple[Path, Path, Path]) -> None:
+    storage, record, _ = paths
+    record.write_text("{damaged")
+    obs = probe(storage, record)
+    assert obs.volume_missing and obs.marker is MarkerState.MISSING
+    assert obs.error is not None and obs.error.startswith("volume unverifiable: malformed marker")
+    # our own marker in place: the volume is ours, whatever the record's state
+    write_marker(storage, marker(), storage.parent / "elsewhere.json")
+    record.write_text("{damaged")
+    assert not probe(storage, record).volume_missing
+
+
+def test_probe_never_raises_from_the_volume_check(
+    paths: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage, record, _ = paths
+    write_marker(storage, marker(), record)
+
+    def boom(*_args: object) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(st, "volume_problem", boom)
+    monkeypatch.setattr(st, "_stale", boom)
+    obs = probe(storage, record)
+    assert obs.probe_ok and obs.marker is MarkerState.OK and not obs.volume_missing and not obs.identity_stale
+
+
+def test_volume_problem_costs_nothing_while_the_marker_is_in_place(
+    paths: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The usual case (the record's own marker on the volume) makes no system call at all."""
+    storage, record, _ = paths
+    written = write_marker(storage, marker(), record)
+
+    def no_call(*_args: object) -> None:
+        raise AssertionError("a system call in the usual case")
+
+    monkeypatch.setattr(st, "_nearest", no_call)
+    monkeypatch.setattr(st, "_mount_of", no_call)
+    assert volume_problem(storage, written, written) is None
+    assert volume_problem(storage, None, None) is None
+    assert volume_problem(storage, marker(), None) is None  # identity unknown: as before
+
+
+def test_mount_required_is_tri_state(tmp_path: Path) -> None:
+    record = tmp_path / "marker.json"
+    assert mount_required(record, None) is False  # no record: not required (as before)
+    assert mount_required(None, None) is False
+    write_record(record, None)
+    assert mount_required(record, None) is False  # an older agent's record: not required (as before)
+    write_record(record, here(tmp_path, mount_point=True))
+    assert mount_required(record, None) is True
+    assert mount_required(record, False) is False  # an explicit setting wins
+    write_record(record, here(tmp_path, mount_point=False))
+    assert mount_required(record, None) is False
+    assert mount_required(record, True) is True
+    record.write_text("{damaged")
+    assert mount_required(record, None) is True  # in doubt, required
+
+
+def test_quarantine_requires_the_mount_the_record_names(paths: tuple[Path, Path, Path]) -> None:
+    storage, record, _ = paths
+    populate(storage)
+    write_record(record, here(storage, mount_point=True))
+    _refused(paths, "the marker record says it was one", require_mount=None, record=record)
+    _refused(paths, "local.require_mount is set", require_mount=True, record=record)
+
+
+def test_quarantine_refuses_a_storage_path_off_its_volume(paths: tuple[Path, Path, Path]) -> None:
+    storage, record, root = paths
+    populate(storage)
+    write_record(record, here(storage, dev="4095:4095"))
+    _refused(paths, "volume missing: .* is on another filesystem", require_mount=None, record=record)
+    write_record(record, here(storage))  # the marked filesystem: allowed
+    qdir = quarantine(storage, storage, root, "a", require_mount=None, record=record, now=NOW)
+    assert os.listdir(storage) == [] and (qdir / "kms.db").is_file()
+
+
+def test_forget_volume_drops_only_the_identity(paths: tuple[Path, Path, Path]) -> None:
+    """The operator's "replaced on purpose": the node is then judged as before (an empty path is lost state)."""
+    storage, record, _ = paths
+    kept = write_record(record, here(storage, dev="4095:4095"))
+    assert probe(storage, record).volume_missing
+    assert forget_volume(record) is True
+    found = read_marker(record)
+    assert found is not None and found.volume is None and found.same_mark(kept)
+    obs = probe(storage, record)
+    assert not obs.volume_missing and obs.empty and obs.marker is MarkerState.MISSING
+    assert forget_volume(record) is False and forget_volume(storage / "none.json") is False
+
+
+# ---- real mounts (root): the storage path a bind of a tmpfs "volume", unmounted as at a boot without it ----
+
+
+@pytest.fixture
+def volume(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
+    """(storage, the volume's own mount, record): a tmpfs mounted at tmp_path/vol and bound onto the storage path
+    (a bind, not a move, so that it works whatever the propagation of the parent mount)."""
+    reason = _can_mount()
+    if reason:
+        pytest.skip(reason)
+    vol, storage = tmp_path / "vol", tmp_path / "storage"
+    vol.mkdir()
+    storage.mkdir()
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "kmagent-test-vol", str(vol)], capture_output=True, text=True
+    )
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+    try:
+        subprocess.run(["mount", "--bind", str(vol), str(storage)], check=True, capture_output=True)
+        yield storage, vol, tmp_path / "state" / "marker.json"
+    finally:
+        for path in (storage, vol):
+            while os.path.ismount(path):
+                if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+                    subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
+                    break
+
+
+def test_real_unmounted_volume_is_missing_and_its_return_is_not(volume: tuple[Path, Path, Path]) -> None:
+    storage, vol, record = volume
+    populate(storage)
+    written = write_marker(storage, marker(), record)
+    assert written.volume is not None and written.volume.mount_point and written.volume.fstype == "tmpfs"
+    assert written.volume.dev == dev_of(vol) != dev_of(storage.parent)
+    assert not probe(storage, record).volume_missing
+    assert mount_required(record, None) is True
+
+    subprocess.run(["umount", str(storage)], check=True, capture_output=True)  # "booted without the volume"
+    obs = probe(storage, record)
+    assert obs.volume_missing and obs.empty and obs.marker is MarkerState.MISSING
+    assert obs.error is not None and "was a mount point of tmpfs kmagent-test-vol (dev " in obs.error
+    assert "is a plain directory now" in obs.error
+    assert (vol / "kms.db").is_file()  # the state is still on the volume
+
+    subprocess.run(["mount", "--bind", str(vol), str(storage)], check=True, capture_output=True)
+    obs = probe(storage, record)
+    assert (
+        not obs.volume_missing and obs.marker is MarkerState.OK and not obs.empty and not obs.identity_stale
+    )
+
+
+def test_real_new_volume_over_a_marked_directory_is_missing(
+    tmp_path: Path, volume: tuple[Path, Path, Path]
+) -> None:
+    """Marked on a directory of the root filesystem; an empty volume mounted over it later: another filesystem."""
+    storage, _, record = volume
+    subprocess.run(["umount", str(storage)], check=True, capture_output=True)
+    write_marker(storage, marker(), record)
+    (storage / MARKER_NAME).rename(tmp_path / "hidden-marker")  # what a mount over it would hide
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "kmagent-test-new", str(storage)], check=True, capture_output=True
+    )
+    obs = probe(storage, record)
+    assert obs.volume_missing and obs.empty
+    assert "is on another filesystem than when marked" in (obs.error or "") and "now on tmpfs" in (
+        obs.error or ""
     )
