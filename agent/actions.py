@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from aiohttp import web
 
@@ -46,7 +46,7 @@ from agent.core.view import fresh_report
 from agent.io import logs
 from agent.io.backups import fetch_backup
 from agent.io.durable import DiskStalled, read_json, write_json
-from agent.io.journal import ActionState, History, HistoryEntry, Journal, close_action
+from agent.io.journal import ActionState, History, HistoryEntry, Journal, Outcome, close_action
 from agent.io.minkms import RC_FENCED, CommandResult, Fence
 from agent.io.peers import PeerError
 from agent.io.signing import AckVerifier, Signer
@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from agent.daemon import Agent
 
 log = logging.getLogger("kmagent")
+P = ParamSpec("P")
 R = TypeVar("R")
 
 ACK_PATH = "/v1/peer/ack"
@@ -117,6 +118,8 @@ class Actions:
         self.lock = asyncio.Lock()  # one ack decision or step at a time on this agent
         self.disk = coordinator.disk  # durable writes, off the loop, with a deadline
         self.closing: asyncio.Task[None] | None = None  # closing actions a peer recorded finished
+        # the remote anchor (name, certificate term) whose step request runs here now; None: this agent's own
+        self.issuer: tuple[str, int] | None = None
         self.max_cert_term = max(
             (s.certificate.term for s in self.journal.state().actions.values()), default=0
         )
@@ -220,9 +223,9 @@ class Actions:
             await self._io("superseded.json", write_json, self.superseded_path, list(superseded))
             self.superseded = superseded
 
-    async def _io(self, what: str, fn: Callable[..., R], *args: Any) -> R:
+    async def _io(self, what: str, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         """A blocking durable write, off the loop, in order, within the disk deadline (DiskStalled after it)."""
-        return await self.disk.run(what, fn, *args)
+        return await self.disk.run(what, fn, *args, **kwargs)
 
     def on_peer_finished(self, finished: tuple[str, ...]) -> None:
         """A peer recorded these actions finished: release ours, and close our journal of them (a target whose
@@ -281,8 +284,11 @@ class Actions:
         return frozenset(self.since)
 
     def _save_escalation(self) -> None:
-        write_json(self.escalated_path, {"escalated": self.since, "acks": self.acks})
+        """The escalations and acks as they are now: written on the disk thread, in order (`Coordinator.persist`)."""
         self.escalated = frozenset(self.since)
+        self.coordinator.persist(
+            "escalated.json", self.escalated_path, {"escalated": dict(self.since), "acks": dict(self.acks)}
+        )
 
     def set_escalated(self, names: frozenset[str]) -> None:
         now = time.time()
@@ -361,22 +367,24 @@ class Actions:
             raise web.HTTPForbidden(reason="certificate refused: " + "; ".join(problems)[:300])
         if action.target != self.cfg.name:
             raise web.HTTPForbidden(reason=f"the certificate names {action.target}, not this agent")
-        deposed = execution.deposed(
-            peer,
-            cert.term,
-            self.coordinator.election.anchor_hint(time.monotonic()),
-            self.coordinator.election.term,
-        )
-        if deposed is not None:
-            log.warning(
-                logs.kv(event="step_refused", action=action.id, step=req.step, peer=peer, reason=deposed)
-            )
-            return StepReply(False, deposed)
-        async with self.lock:
+        async with self.lock:  # judged once the lock is ours: a wait for it may have seen a new anchor
+            deposed = self._deposed(peer, cert.term)
+            if deposed is not None:
+                log.warning(
+                    logs.kv(event="step_refused", action=action.id, step=req.step, peer=peer, reason=deposed)
+                )
+                return StepReply(False, deposed, not_run=True)
+            self.issuer = (peer, cert.term)
             try:
                 return await self._target_step(cert, req.step)
             except NotRun as exc:
-                return StepReply(False, str(exc))
+                return StepReply(False, str(exc), not_run=True)
+            finally:
+                self.issuer = None
+
+    def _deposed(self, issuer: str, cert_term: int) -> str | None:
+        election = self.coordinator.election
+        return execution.deposed(issuer, cert_term, election.anchor_hint(time.monotonic()), election.term)
 
     async def _target_step(self, cert: Certificate, step_name: str) -> StepReply:
         action = cert.action
@@ -684,7 +692,7 @@ class Actions:
             return
         decision = planner.decide(facts)
         if decision.escalate:
-            await self._io("escalations", self.set_escalated, self.escalated | frozenset(decision.escalate))
+            self.set_escalated(self.escalated | frozenset(decision.escalate))
             log.error(logs.kv(event="escalated", nodes=",".join(decision.escalate)))
         action = decision.action
         if facts.unfinished is None and self.requested is not None:
@@ -824,6 +832,11 @@ class Actions:
                 ok, detail = reply.ok, reply.detail
                 if not answered and self._target_silent(d, step, detail):
                     return  # again next round
+                if reply.not_run:  # fenced, not journaled in time, or we are deposed there: not an attempt
+                    log.info(
+                        logs.kv(event="target_held_back", action=action.id, step=step.name, detail=detail)
+                    )
+                    return
                 d.unanswered.pop(step.name, None)
                 d.target_done = reply.progress or d.target_done
                 d.progress_known = d.progress_known or answered
@@ -854,7 +867,7 @@ class Actions:
                     cert, "aborted" if step.on_failure == "abort" else "failed", f"{step.name}: {detail}"
                 )
                 if step.on_failure == "escalate":
-                    await self._io("escalations", self.set_escalated, self.escalated | {action.target})
+                    self.set_escalated(self.escalated | {action.target})
                 return
         await self._close(cert, "done", "every step done")
 
@@ -880,7 +893,7 @@ class Actions:
             return StepReply(False, str(exc)), exc.status is not None
         return reply, True
 
-    async def _close(self, cert: Certificate, outcome: str, detail: str) -> None:
+    async def _close(self, cert: Certificate, outcome: Outcome, detail: str) -> None:
         evidence = tuple(planner.decide(self.facts(anchor=self.cfg.name)).evidence)
         if self.journal.state().get(cert.action.id) is None:
             await self._io("journal begin", self.journal.begin, cert.action, cert, "anchor")
@@ -921,13 +934,16 @@ class Actions:
         host = target.minkms_host
         timeout = _step(action.kind, step_name).timeout
         if step_name == "remove":
-            view = next((v for v in self.coordinator.views if v.name == action.target), None)
-            cls = view.verdict.cls if view is not None and view.verdict is not None else None
-            plan = check_remove(action, host, await _membership(agent), cls)
+            membership = await _membership(agent)
+            plan = check_remove(action, host, membership, self._class_of(action.target))
             if not plan.ids:
                 return plan.detail
             result = await self._command(
-                action.kind, step_name, lambda fence: agent.minkms.edit_remove(agent.my_host, plan.ids, fence)
+                action.kind,
+                step_name,
+                lambda fence: agent.minkms.edit_remove(agent.my_host, plan.ids, fence),
+                # the target's class again at the last instant: the stat above may have taken seconds
+                still=lambda: execution.evict_remove_refusal(action, self._class_of(action.target)),
             )
             if not result.ok:
                 raise StepFailed(f"minkms edit --rm {list(plan.ids)}: {result.error}")
@@ -955,25 +971,51 @@ class Actions:
             return "verified: writes work" + (f", {action.target} HEALTHY" if action.kind == "REJOIN" else "")
         raise StepFailed(f"{step_name} is not a step of the anchor")
 
+    def _class_of(self, name: str) -> NodeClass | None:
+        view = next((v for v in self.coordinator.views if v.name == name), None)
+        return view.verdict.cls if view is not None and view.verdict is not None else None
+
     async def _command(
-        self, kind: str, step_name: str, run: Callable[[Fence], Awaitable[CommandResult]]
+        self,
+        kind: str,
+        step_name: str,
+        run: Callable[[Fence], Awaitable[CommandResult]],
+        still: Callable[[], str | None] | None = None,
     ) -> CommandResult:
-        """A destructive minkms command of `step_name`, fenced: the `.command` failpoint, then `run(fence)`,
-        whose fence the adapter calls immediately before the child starts (after its last await): it leaves only
-        while this agent holds the lease for longer than the command's timeout, cut to fit the lease, and while
-        its disk answers. NotRun when fenced: nothing was sent, the step runs again next round."""
+        """A destructive minkms command of `step_name`, fenced: the `.command` failpoint, then `run(fence)`. The
+        adapter calls the fence immediately before the child starts (after its last await) and then every
+        fraction of a second while it runs. It starts only while its issuer holds the lease with at least
+        MIN_COMMAND_SECONDS to spare, this agent's disk answers, and `still` (the step's own precondition, read
+        again) finds nothing against it; it is killed as soon as the lease would end within LEASE_MARGIN. The
+        issuer is this agent, or the remote anchor whose step request runs here (a RESTORE's `restore` resumed by
+        another anchor): the target cannot read that lease, so it requires that it follows that anchor and holds
+        it not deposed. NotRun when fenced: the step runs again next round (a command killed while running is in
+        doubt: its step's own idempotency check decides then)."""
         await failpoints.reach(f"{kind}.{step_name}.command")
         election = self.coordinator.election
+        issuer = self.issuer
 
-        def fence() -> tuple[float, str | None]:
+        def fence(running: bool) -> str | None:
             now = time.monotonic()
-            remaining = election.lease_remaining(now)
-            timeout = fencing.command_timeout(remaining, self.cfg.minkms.command_timeout)
-            refusal = fencing.lease_refusal(election.is_anchor(now), remaining, timeout)
+            if issuer is None:
+                needed = 0.0 if running else fencing.MIN_COMMAND_SECONDS
+                refusal = fencing.lease_refusal(
+                    election.is_anchor(now), election.lease_remaining(now), needed
+                )
+            else:
+                refusal = self._deposed(*issuer)
+                if refusal is None and election.anchor_hint(now) not in (None, issuer[0]):
+                    refusal = (
+                        f"this agent follows {election.anchor_hint(now)}, not {issuer[0]}, as anchor now"
+                    )
+            if running:
+                return refusal
             stalled = self.disk.overdue(now)
             if refusal is None and stalled is not None:
                 refusal = f"a durable write ({stalled[0]}) has not returned for {stalled[1]:.0f}s"
-            return timeout, refusal
+            if refusal is None and still is not None:
+                refusal = still()
+            return refusal
 
         result = await run(fence)
         if result.returncode == RC_FENCED:

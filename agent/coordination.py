@@ -38,6 +38,7 @@ from agent.core.view import (
     reference_commit,
     reference_membership,
     report_age,
+    stale_after,
 )
 from agent.io import logs
 from agent.io.durable import Writes, read_json, write_json
@@ -306,6 +307,12 @@ class Coordinator:
         peers = {name: link.state for name, link in self.links.items()}
         return reference_commit(self.election.anchor_hint(now), self.cfg.name, self.own, peers)
 
+    @property
+    def stale_after(self) -> float:
+        """How old an observation may be before it is STALLED (`view.stale_after`)."""
+        t = self.cfg.timings
+        return stale_after(t.peer_timeout, t.probe_interval, self.cfg.minkms.command_timeout)
+
     def tick(self, own: NodeReport | None, now: float) -> None:
         """One coordination round: classify, elect, and send what is due. Never waits for a peer."""
         self.own = own
@@ -320,6 +327,7 @@ class Coordinator:
             now,
             timeout,
             self.reference_commit(now),
+            self.stale_after,
         )
         for v in self.views:
             if v.verdict is not None:
@@ -426,12 +434,27 @@ class Coordinator:
     def resume(self, reason: str) -> Pause:
         return self._set_pause(Pause(self.pause.epoch + 1, 0.0, reason))
 
+    def persist(self, what: str, path: Path, data: Any) -> None:
+        """Write `data` to `path` on the disk thread, in order with every other durable write, never on the loop
+        (a peer's report triggers these: a hung disk must not freeze the loop that receives them). For state
+        that memory and the reports already carry (pause, approval, escalations): a failure is logged, and the
+        next change writes it again."""
+
+        async def write() -> None:
+            try:
+                await self.disk.run(what, write_json, path, data)
+            except OSError as exc:  # DiskStalled too: kept in memory and in reports, peers hold it too
+                log.error(logs.kv(event="not_persisted", what=what, path=path, error=exc))
+
+        self._spawn(write())
+
     def _set_pause(self, pause: Pause) -> Pause:
         self.pause = pause
-        try:
-            write_json(self.pause_path, {"epoch": pause.epoch, "until": pause.until, "reason": pause.reason})
-        except OSError as exc:  # kept in memory and in reports: peers hold it too
-            log.error(logs.kv(event="pause_not_persisted", path=self.pause_path, error=exc))
+        self.persist(
+            "pause.json",
+            self.pause_path,
+            {"epoch": pause.epoch, "until": pause.until, "reason": pause.reason},
+        )
         log.warning(
             logs.kv(
                 event="paused" if pause.until else "resumed", until=pause.until or None, reason=pause.reason
@@ -448,10 +471,7 @@ class Coordinator:
 
     def _set_approval(self, approval: RestoreApproval) -> RestoreApproval:
         self.approval = approval
-        try:
-            write_json(self.approval_path, wire.encode(approval))
-        except OSError as exc:  # kept in memory and in reports: peers hold it too
-            log.error(logs.kv(event="approval_not_persisted", path=self.approval_path, error=exc))
+        self.persist("restore-approval.json", self.approval_path, wire.encode(approval))
         log.warning(
             logs.kv(
                 event="restore_approved",

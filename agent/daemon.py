@@ -194,10 +194,10 @@ class Agent:
 
     def verdict(self, now: float) -> Verdict | None:
         """This node's verdict as it may be used now: STALLED once the observation behind it is older than
-        peer_timeout (a round that hangs), whatever it said. For reports and for the target's own step checks."""
+        `view.stale_after` (a round that hangs), whatever it said. For reports and for the target's own checks."""
         if self.tracked is None or self.observation is None:
             return None
-        return vouched(self.tracked.verdict, now - self.observation.at, self.cfg.timings.peer_timeout)
+        return vouched(self.tracked.verdict, now - self.observation.at, self.coordinator.stale_after)
 
     def decide(self, obs: Observation) -> Verdict:
         reference = self.coordinator.reference(obs.at)

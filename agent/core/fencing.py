@@ -4,8 +4,9 @@ minkms has no term fencing: it runs whatever a holder of the root API key sends,
 So every command carries the facts it was certified for and is refused when they no longer hold, checked by the
 issuer immediately before the command leaves (after every await, never before a blocking call):
 
-* the issuer still holds its anchor lease, for longer than the command's own timeout: a command is never started
-  that could outlive the lease it was checked under;
+* the issuer still holds its anchor lease, with time to spare, when the command starts, and still while it runs:
+  a command is killed before its issuer's lease ends (renewals extend the lease while it runs), so that it never
+  runs past the lease it was checked under;
 * `remove` removes only the minkms node id named in the signed action (recorded at proposal from the reference
   membership), and only while that id is still a member at the action's host. Never an id read later from the
   target's host: the target may have been removed and re-added under a new id by a later anchor in the meantime.
@@ -25,7 +26,6 @@ __all__ = [
     "MIN_COMMAND_SECONDS",
     "RemovePlan",
     "certified_node_id",
-    "command_timeout",
     "lease_refusal",
     "remove_plan",
 ]
@@ -49,23 +49,19 @@ def certified_node_id(action: Action) -> int | None:
     return value if value >= 0 and str(value) == raw else None
 
 
-def lease_refusal(is_anchor: bool, lease_remaining: float, command_timeout: float) -> str | None:
-    """Why a destructive command run with `command_timeout` must not leave now (None: it may): the lease must
-    outlast the command's own timeout by LEASE_MARGIN. Checked right before the command leaves."""
+def lease_refusal(is_anchor: bool, lease_remaining: float, needed: float) -> str | None:
+    """Why a destructive command must not start (or go on) now, None when it may: the issuer's lease must outlast
+    `needed` seconds (MIN_COMMAND_SECONDS to start, 0 to go on running) by LEASE_MARGIN. The shell checks it right
+    before the command starts and while it runs; a running command is killed when this refuses, so that it never
+    runs past its issuer's lease (renewals extend the lease while it runs)."""
     if not is_anchor:
         return "this agent no longer holds the anchor lease"
-    if command_timeout < MIN_COMMAND_SECONDS or lease_remaining < command_timeout + LEASE_MARGIN:
+    if lease_remaining < needed + LEASE_MARGIN:
         return (
-            f"the anchor lease has {lease_remaining:.1f}s left, not enough for a {command_timeout:g}s command "
-            f"plus {LEASE_MARGIN:g}s: not started (it could outlive the lease); again after the next renewal"
+            f"the anchor lease has {lease_remaining:.1f}s left, less than {needed + LEASE_MARGIN:g}s: "
+            "the command could outlive the lease"
         )
     return None
-
-
-def command_timeout(lease_remaining: float, configured: float) -> float:
-    """The timeout a destructive command runs with: the configured one, cut so that the lease outlasts it (the
-    command is killed before the lease ends; what it sent by then is in doubt, and fenced by what it names)."""
-    return max(0.0, min(configured, lease_remaining - LEASE_MARGIN))
 
 
 @dataclass(frozen=True)

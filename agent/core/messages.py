@@ -178,6 +178,9 @@ class StepReply:
     ok: bool
     detail: str  # what happened, or why it was refused or failed
     progress: tuple[str, ...] = ()  # the steps of this action the target has journaled done, in order
+    # the step did not run, and it is no failure of the step: its command was fenced, its journal write did not
+    # return in time, or the target holds the issuer deposed. The anchor tries again; no attempt is counted.
+    not_run: bool = False
 
 
 @dataclass(frozen=True)

@@ -99,8 +99,10 @@ def classify_cluster(
     now: float,
     peer_timeout: float,
     reference_commit: int | None = None,
+    stale: float | None = None,
 ) -> tuple[NodeView, ...]:
-    """One NodeView per configured agent, in config order. This agent's own verdict is taken as reported."""
+    """One NodeView per configured agent, in config order. This agent's own verdict is taken as reported. `stale`:
+    how old a peer's observation may be (`stale_after`; None: peer_timeout)."""
     views = []
     for m in members:
         if m.name == me:
@@ -112,7 +114,7 @@ def classify_cluster(
         if m.is_witness:
             views.append(NodeView(m.name, None, report_age(peer, now), node))
             continue
-        reported = _reported_verdict(node, peer_timeout)
+        reported = _reported_verdict(node, peer_timeout if stale is None else stale)
         in_reference = (
             reference is None
             or m.minkms_host in reference.values()
@@ -132,15 +134,25 @@ def observed_at(view: NodeView, now: float) -> float | None:
         return None
     if verdict.cls.value != node.cls or verdict.cls is NodeClass.STALLED:  # STALLED holds as of now
         return None
-    return now - (view.report_age or 0.0) - node.observed_seconds
+    return now - (view.report_age or 0.0) - max(0.0, node.observed_seconds)
 
 
-def vouched(verdict: Verdict, observed_age: float | None, peer_timeout: float) -> Verdict:
-    """The verdict, or STALLED when the observation behind it is older than peer_timeout: a hung probe, a stalled
-    or paused agent keeps saying what it last saw, and that is no evidence for anything (not for a wipe, not for
-    "healthy"). `observed_age`: the observation's age when it was reported (None: not known, trusted as before).
-    One rule for this agent's own report and for what peers report."""
-    if observed_age is None or observed_age <= peer_timeout or verdict.cls is NodeClass.STALLED:
+def stale_after(peer_timeout: float, probe_interval: float, command_timeout: float) -> float:
+    """How old an observation may be before nobody vouches for it: the longest a working observation loop leaves
+    it unrefreshed (a round waits at most peer_timeout for the storage probe, then command_timeout for `minkms
+    stat`, then sleeps up to probe_interval). Shorter, a healthy anchor whose `stat` is slow (it asks every member,
+    up to a second each, while nodes restart) would flap STALLED and step down mid-action. A hung storage probe is
+    STALLED sooner, at its own deadline (peer_timeout), and an unvouched verdict never gains hold time meanwhile
+    (`classify.track` holds a class only over its observations)."""
+    return peer_timeout + command_timeout + probe_interval
+
+
+def vouched(verdict: Verdict, observed_age: float | None, stale: float) -> Verdict:
+    """The verdict, or STALLED when the observation behind it is older than `stale` (`stale_after`): a round that
+    hangs, a stalled or paused agent keeps saying what it last saw, and that is no evidence for anything (not for
+    a wipe, not for "healthy"). `observed_age`: the observation's age when it was reported (None: not known,
+    trusted as before; never below 0). One rule for this agent's own report and for what peers report."""
+    if observed_age is None or max(0.0, observed_age) <= stale or verdict.cls is NodeClass.STALLED:
         return verdict
     return Verdict(
         NodeClass.STALLED,
@@ -148,14 +160,14 @@ def vouched(verdict: Verdict, observed_age: float | None, peer_timeout: float) -
     )
 
 
-def _reported_verdict(node: NodeReport | None, peer_timeout: float) -> Verdict | None:
+def _reported_verdict(node: NodeReport | None, stale: float) -> Verdict | None:
     if node is None:
         return None
     try:
         verdict = Verdict(NodeClass(node.cls), node.reason)
     except ValueError:  # a newer peer's class this version does not know: not evidence of anything
         return Verdict(NodeClass.UNKNOWN, f"reported an unknown class {node.cls!r}")
-    return vouched(verdict, node.observed_seconds, peer_timeout)
+    return vouched(verdict, node.observed_seconds, stale)
 
 
 def anchor_candidates(views: Sequence[NodeView], max_lag: int = MAX_COMMIT_LAG) -> tuple[str, ...]:

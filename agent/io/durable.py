@@ -17,8 +17,9 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
+P = ParamSpec("P")
 R = TypeVar("R")
 
 
@@ -40,12 +41,12 @@ class Writes:
         self._ids = itertools.count()
         self._guard = threading.Lock()
 
-    async def run(self, what: str, fn: Callable[..., R], *args: Any) -> R:
+    async def run(self, what: str, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         """`fn(*args)` on the disk thread; DiskStalled naming `what` when it has not returned by the deadline."""
         token = next(self._ids)
         with self._guard:
             self._pending[token] = (what, self.clock())
-        future = self._pool.submit(fn, *args)
+        future = self._pool.submit(fn, *args, **kwargs)
         future.add_done_callback(lambda _f: self._done(token))
         try:
             return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), self.deadline)

@@ -36,6 +36,7 @@ Each assumption is encoded by the constant named in brackets, defined right belo
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -84,10 +85,12 @@ RC_CANNOT_PREPARE = 125  # the call could not be prepared (API key unreadable, t
 RC_NOT_EXECUTABLE = 126  # shell conventions
 RC_NOT_FOUND = 127
 RC_KILLED = -9
-RC_FENCED = 124  # a destructive command refused by its fence (agent.core.fencing): it was never started
+RC_FENCED = 124  # a destructive command refused by its fence (agent.core.fencing): not started, or killed
+FENCE_EVERY = 0.2  # seconds between the fence's checks while a fenced command runs
 
-Fence = Callable[[], tuple[float, str | None]]
-"""Called right before a destructive command starts: (timeout to run with, None) or (0, why it must not)."""
+Fence = Callable[[bool], str | None]
+"""A destructive command's fence: called with False right before the child starts, then with True while it runs;
+returns why it must not start or go on (the child is then not started, or killed), or None."""
 
 # Only these variables of the agent's environment reach the CLI: no proxy (the CLI talks to the local node),
 # no stray MINIO_KMS_* of an operator's shell, no NOTIFY_SOCKET.
@@ -180,6 +183,9 @@ class Minkms:
         self._session: aiohttp.ClientSession | None = None
         self._peer_session: aiohttp.ClientSession | None = None
         self._trust_signature: tuple[tuple[str, int, int, int], ...] | None = None
+        # the API key and trust store are read here, off the loop, one at a time (`_prepared`)
+        self._prepare_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._preparing: concurrent.futures.Future[tuple[str, dict[str, str]]] | None = None
 
     async def __aenter__(self) -> Minkms:
         return self
@@ -193,10 +199,11 @@ class Minkms:
     ) -> CommandResult:
         """Run `minkms ARGS...` against `server` (default: the local node).
 
-        `fence`, for a destructive command: called immediately before the child is started, after everything
-        that may block (the API key is read and the trust store synced in a thread first); it returns the timeout
-        to run with, or why the command must not leave (RC_FENCED, nothing started). Never raises for a failure
-        of the call (see CommandResult); only a malformed `server` is a ValueError.
+        The API key is read and the trust store synced off the loop (a hung state disk must not freeze it),
+        within the command's own limit. `fence`, for a destructive command: called immediately before the child
+        starts, after everything that may block, and then every FENCE_EVERY seconds while it runs; when it
+        objects, the child is not started, or its process group is killed (RC_FENCED either way). Never raises for
+        a failure of the call (see CommandResult); only a malformed `server` is a ValueError.
         """
         limit = self.settings.command_timeout if timeout is None else timeout
         argv = tuple(os.fspath(a) for a in self.settings.cli) + tuple(args)
@@ -212,15 +219,11 @@ class Minkms:
             return failed(RC_CANNOT_PREPARE, "no minkms server configured")
         key = ""
         try:
-            if fence is None:
-                key = self.settings.api_key().strip()
-                env = self._environment(target, key)
-            else:  # no blocking call between the fence and the start: prepare off the loop, first
-                key, env = await asyncio.to_thread(self._prepare, target)
+            key, env = await self._prepared(target, limit)
         except Exception as exc:  # the key file and the CA are the caller's files: report, do not raise
             return failed(RC_CANNOT_PREPARE, _redact(f"cannot prepare the minkms call: {_explain(exc)}", key))
-        if fence is not None:
-            limit, refusal = fence()
+        if fence is not None:  # no await, no blocking call from here to the child's start
+            refusal = fence(False)
             if refusal is not None:
                 return failed(RC_FENCED, f"fenced, not started: {refusal}")
         try:
@@ -238,14 +241,21 @@ class Minkms:
             return failed(RC_NOT_EXECUTABLE, f"minkms CLI not executable: {argv[0]}")
         except OSError as exc:
             return failed(RC_NOT_EXECUTABLE, f"cannot run the minkms CLI {argv[0]}: {exc.strerror or exc}")
-        result = await self._collect(proc, argv, limit, started, key)
+        result = await self._collect(proc, argv, limit, started, key, fence)
         log.debug("%s -> %s (%.2fs)", " ".join(argv), result.error or "ok", result.seconds)
         return result
 
     async def _collect(
-        self, proc: asyncio.subprocess.Process, argv: tuple[str, ...], limit: float, started: float, key: str
+        self,
+        proc: asyncio.subprocess.Process,
+        argv: tuple[str, ...],
+        limit: float,
+        started: float,
+        key: str,
+        fence: Fence | None = None,
     ) -> CommandResult:
-        """Wait for the child within `limit`, reading both pipes up to OUTPUT_CAP; kill its group on timeout."""
+        """Wait for the child within `limit`, reading both pipes up to OUTPUT_CAP; kill its group on timeout, or
+        as soon as `fence` objects."""
         assert proc.stdout is not None and proc.stderr is not None
         out, err = _Capped(), _Capped()
         readers = [
@@ -254,10 +264,21 @@ class Minkms:
         ]
         waiter = asyncio.ensure_future(proc.wait())
         timed_out = False
+        fenced: str | None = None
         try:
-            await asyncio.wait([waiter, *readers], timeout=max(limit, 0.0))
+            deadline = started + max(limit, 0.0)
+            while True:
+                left = deadline - time.monotonic()
+                step = left if fence is None else min(left, FENCE_EVERY)
+                await asyncio.wait([waiter, *readers], timeout=max(step, 0.0))
+                if waiter.done() and all(r.done() for r in readers):
+                    break
+                if fence is not None and not waiter.done() and (fenced := fence(True)) is not None:
+                    break
+                if time.monotonic() >= deadline or (fence is None and not waiter.done()):
+                    break
             if not waiter.done():
-                timed_out = True
+                timed_out = fenced is None
                 _kill_group(proc)
                 await waiter
                 await asyncio.wait(readers, timeout=KILL_GRACE)
@@ -267,6 +288,14 @@ class Minkms:
                 await asyncio.shield(waiter)
             for task in readers:
                 task.cancel()
+        if fenced is not None:
+            return CommandResult(
+                argv,
+                RC_FENCED,
+                out.text(key),
+                f"fenced, killed while running: {fenced}",
+                time.monotonic() - started,
+            )
         return CommandResult(
             argv=argv,
             returncode=RC_KILLED if timed_out or proc.returncode is None else proc.returncode,
@@ -276,6 +305,21 @@ class Minkms:
             timed_out_after=limit if timed_out else None,
             truncated=out.truncated or err.truncated,
         )
+
+    async def _prepared(self, server: str, limit: float) -> tuple[str, dict[str, str]]:
+        """The API key and the child's environment, read on a thread of the adapter's own within `limit`. One at a
+        time: while a read is stuck (a hung state disk), every call fails at once instead of piling up threads."""
+        pending = self._preparing
+        if pending is not None and not pending.done():
+            raise TimeoutError("reading the API key and the trust store has not returned (a stalled disk?)")
+        if self._prepare_pool is None:
+            self._prepare_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kmagent-minkms")
+        future = self._prepare_pool.submit(self._prepare, server)
+        self._preparing = future
+        try:
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), max(limit, 0.1))
+        except TimeoutError:
+            raise TimeoutError(f"reading the API key and the trust store took more than {limit:g}s") from None
 
     def _prepare(self, server: str) -> tuple[str, dict[str, str]]:
         key = self.settings.api_key().strip()
@@ -453,7 +497,10 @@ class Minkms:
         return None, None
 
     async def close(self) -> None:
-        """Close the kept-alive probe connections."""
+        """Close the kept-alive probe connections and the preparation thread (made again if used after)."""
+        if self._prepare_pool is not None:
+            self._prepare_pool.shutdown(wait=False)
+            self._prepare_pool = None
         sessions = (self._session, self._peer_session)
         self._session = self._peer_session = None
         for session in sessions:

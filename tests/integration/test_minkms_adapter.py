@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from agent.core.model import HealthObs
-from agent.io.minkms import OUTPUT_CAP, TRUST_STORE, Minkms, MinkmsSettings
+from agent.io.minkms import OUTPUT_CAP, RC_FENCED, TRUST_STORE, Minkms, MinkmsSettings
 from emulator.hsm import new_api_key
 from emulator.lab.lab import Lab, LabNode, wipe
 
@@ -371,3 +371,51 @@ async def test_edit_remove_and_add_recover_a_wiped_node(
         await eventually(formed, "the cluster to form again with 3 nodes", timeout=60)
         view = await anchor.cluster_status()
         assert sorted(n.host for n in view.nodes_up) == sorted(n.host for n in lab.nodes())
+
+
+# ---- fenced commands (agent.core.fencing, issue 12) --------------------------------------------------------
+async def test_a_fenced_command_that_may_not_leave_is_never_started(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    m = Minkms(fake(f"open({str(marker)!r}, 'w').write('ran')", tmp_path))
+    calls: list[bool] = []
+
+    def fence(running: bool) -> str | None:
+        calls.append(running)
+        return "this agent no longer holds the anchor lease"
+
+    result = await m.edit_remove("127.0.0.1:7373", [2], fence)
+    assert result.returncode == RC_FENCED and "not started: this agent no longer holds" in result.error
+    assert calls == [False] and not marker.exists()
+
+
+async def test_a_fenced_command_is_killed_as_soon_as_its_fence_objects(tmp_path: Path) -> None:
+    """A command that runs on while the lease ends is killed (its process group), not left to finish late."""
+    pidfile = tmp_path / "pid"
+    script = f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    m = Minkms(fake(script, tmp_path, command_timeout=120.0))
+    lost = asyncio.Event()
+
+    def fence(running: bool) -> str | None:
+        return "the anchor lease has 0.4s left" if running and lost.is_set() else None
+
+    async def lose_the_lease() -> None:
+        deadline = time.monotonic() + 30
+        while not pidfile.exists() or not pidfile.read_text():
+            assert time.monotonic() < deadline, "the fake CLI never started"
+            await asyncio.sleep(0.01)
+        lost.set()
+
+    started = time.monotonic()
+    loser = asyncio.ensure_future(lose_the_lease())
+    result = await m.add("127.0.0.1:7373", "127.0.0.2:7373", fence)
+    await loser
+    assert result.returncode == RC_FENCED and "killed while running" in result.error
+    assert time.monotonic() - started < 30  # not the 60 s the child wanted, nor the 120 s timeout
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pidfile.read_text()), 0)
+
+
+async def test_a_fenced_command_that_may_go_on_completes(tmp_path: Path) -> None:
+    m = Minkms(fake("import time; time.sleep(0.5); print('ok')", tmp_path))
+    result = await m.add("127.0.0.1:7373", "127.0.0.2:7373", lambda _running: None)
+    assert result.ok and result.stdout.strip() == "ok"

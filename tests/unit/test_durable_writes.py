@@ -119,9 +119,7 @@ def test_the_journal_state_is_read_while_an_append_hangs_in_fsync(
 def test_held_is_written_by_one_thread_at_a_time(tmp_path: Path) -> None:
     """Two writes of held.json from different threads use different temporary files (a shared one could tear)."""
     journal = Journal(tmp_path / "journal.jsonl", "n1")
-    threads = [
-        threading.Thread(target=journal.save_held, args=(Held(ACTION, term),)) for term in range(1, 9)
-    ]
+    threads = [threading.Thread(target=journal.save_held, args=(Held(ACTION, term),)) for term in range(1, 9)]
     for t in threads:
         t.start()
     for t in threads:

@@ -24,8 +24,10 @@ from agent.core.model import (
     ServiceState,
     StorageObs,
 )
+from agent.core.view import stale_after
 
 ME = "10.0.0.3:7373"
+STALE = stale_after(Timings().peer_timeout, Timings().probe_interval, 10.0)
 FULL = ((0, "10.0.0.1:7373"), (1, "10.0.0.2:7373"), (5, ME))
 
 
@@ -62,10 +64,17 @@ def agent(tmp_path: Path, actions: FakeActions) -> daemon.Agent:
         state=SimpleNamespace(dir=str(tmp_path / "state")),
     )
     coordinator = SimpleNamespace(
-        actions=actions, reference=lambda _at: dict(FULL), reference_commit=lambda _at: 10
+        actions=actions,
+        reference=lambda _at: dict(FULL),
+        reference_commit=lambda _at: 10,
+        stale_after=STALE,
     )
     return daemon.Agent(
-        cast(Config, cfg), cast(Any, FakeService()), cast(Any, FakeMinkms()), cast(Any, None), cast(Any, coordinator)
+        cast(Config, cfg),
+        cast(Any, FakeService()),
+        cast(Any, FakeMinkms()),
+        cast(Any, None),
+        cast(Any, coordinator),
     )
 
 
@@ -133,16 +142,18 @@ async def test_a_hung_probe_is_stalled_after_its_deadline_and_not_started_twice(
     assert not obs.storage.stalled
 
 
-async def test_an_old_observation_is_reported_stalled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A round that hangs elsewhere (e.g. in `stat`): the report says STALLED once the observation is older than
-    peer_timeout, and says how old it is."""
+async def test_an_old_observation_is_reported_stalled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round that hangs elsewhere (past every probe's deadline): the report says STALLED once the observation is
+    older than `stale_after`, and says how old it is; a slow round within its deadlines does not."""
     monkeypatch.setattr(
         daemon, "probe_storage", lambda *_a, **_k: StorageObs(probe_ok=True, marker=MarkerState.OK)
     )
     a = agent(tmp_path, FakeActions())
     obs = await a.observe()
     a.decide(obs)
-    fresh = a.node_report(obs.at + 1.0)
-    assert fresh is not None and fresh.cls != "STALLED" and fresh.observed_seconds == 1.0
-    old = a.node_report(obs.at + Timings().peer_timeout + 1.0)
-    assert old is not None and old.cls == "STALLED" and old.observed_seconds == Timings().peer_timeout + 1.0
+    slow = a.node_report(obs.at + STALE - 0.5)
+    assert slow is not None and slow.cls != "STALLED" and slow.observed_seconds == STALE - 0.5
+    old = a.node_report(obs.at + STALE + 1.0)
+    assert old is not None and old.cls == "STALLED" and old.observed_seconds == STALE + 1.0
