@@ -569,6 +569,49 @@ def cmd_preflight(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_forget_volume(args: argparse.Namespace) -> int:
+    """Drop the recorded volume identity, once an operator has replaced the volume on purpose (standalone)."""
+    from agent.config import ConfigError, load_config
+    from agent.io.storage import StorageError, forget_volume, read_marker
+    from agent.preflight import record_path
+
+    try:
+        cfg = load_config(_config_path(args), check_files=False)
+    except ConfigError as exc:
+        print(
+            f"kmagent forget-volume: invalid config: {'; '.join(str(i) for i in exc.errors)}", file=sys.stderr
+        )
+        return EXIT_USAGE
+    record = record_path(Path(cfg.state.dir))
+    try:
+        recorded = read_marker(record)
+    except StorageError as exc:
+        print(f"kmagent forget-volume: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if recorded is None or recorded.volume is None:
+        print(f"kmagent forget-volume: {record} records no volume: nothing to forget")
+        return EXIT_OK
+    what = f"the record {record} says the storage path {cfg.local.storage_path} was on {recorded.volume.describe()}"
+    if not args.yes:
+        print(
+            f"kmagent forget-volume: {what}.\nForgetting it makes an empty storage path STATE_LOST, and the agents "
+            "then REJOIN this node onto the volume mounted there now (its old state, if any, is quarantined, never "
+            "deleted). Only do this when the volume was replaced on purpose; if it merely did not mount, mount it "
+            "instead. Run again with --yes to forget it."
+        )
+        return EXIT_FAILED
+    if os.geteuid() != 0:
+        print("kmagent forget-volume: needs root (it changes the agent's state)", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        forget_volume(record)
+    except (OSError, StorageError) as exc:
+        print(f"kmagent forget-volume: cannot rewrite {record}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"kmagent forget-volume: forgotten: {what}. The next REJOIN records the volume mounted now.")
+    return EXIT_OK
+
+
 def _add_preflight_parser(sub: Any) -> None:
     s = sub.add_parser(
         "preflight",
@@ -581,6 +624,16 @@ def _add_preflight_parser(sub: Any) -> None:
     )
     s.add_argument("--config", default=argparse.SUPPRESS, help="config file (as the global --config)")
     s.set_defaults(func=cmd_preflight, standalone=True)
+    s = sub.add_parser(
+        "forget-volume",
+        help="forget the volume the node was marked on (only after replacing it on purpose)",
+        description="A storage path that is not on the volume recorded when the node was marked is "
+        "VOLUME_MISSING: nothing automatic touches it, and minkms is not started there. When the volume was "
+        "replaced on purpose, this drops the recorded identity, so that the new volume is rejoined as usual.",
+    )
+    s.add_argument("--config", default=argparse.SUPPRESS, help="config file (as the global --config)")
+    s.add_argument("--yes", action="store_true", help="forget it (without: say what would be forgotten)")
+    s.set_defaults(func=cmd_forget_volume, standalone=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -137,8 +137,8 @@ def decide(facts: Facts, now_wall: float) -> Verdict:
             f"here: started on {facts.storage}, minkms would come up as a fresh cluster on the wrong "
             "filesystem while the real state sits on the unmounted volume. Mount the volume (check /etc/fstab, "
             f"`findmnt {facts.storage}`, `journalctl -b` for the mount unit), then start minkms again. Only if the "
-            f'volume was replaced on purpose: remove the "volume" object from {facts.record_path}, and the agent '
-            "rejoins this node to the cluster (docs/operations.md, VOLUME_MISSING).",
+            "volume was replaced on purpose: `kmagent forget-volume` (it drops the identity recorded in "
+            f"{facts.record_path}), and the agents rejoin this node (docs/operations.md, VOLUME_MISSING).",
         )
     if facts.storage_error is not None:
         return Verdict(

@@ -206,7 +206,7 @@ def test_a_missing_volume_is_refused_whatever_else(changes: dict[str, object]) -
         "fresh cluster on the wrong filesystem",  # why
         "Mount the volume",  # what to do
         "findmnt /mnt/minio-kms",
-        f'remove the "volume" object from {RECORD}',  # and what if it was replaced on purpose
+        f"`kmagent forget-volume` (it drops the identity recorded in {RECORD})",  # if replaced on purpose
     )
     assert "\n" not in reason
 
