@@ -159,7 +159,7 @@ class Actions:
         hosts = {a.name: a.minkms_host for a in self.cfg.agents}
         nodes, removed = cf.node_facts(c.views, hosts, c.tracked, reference, now)
         history = tuple(
-            cf.HistoryEntry(e.action.target, e.action.kind, e.started, e.outcome)
+            cf.HistoryEntry(e.action.target, e.action.kind, e.started, e.outcome, e.finished)
             for e in self.history.entries(limit=200)
         )
         pause = c.pause

@@ -52,6 +52,7 @@ class HistoryEntry(NamedTuple):
     kind: str
     started_wall: float  # wall-clock epoch seconds
     outcome: str  # "done", "aborted", "escalated", or "" while unfinished
+    finished_wall: float = 0.0  # wall-clock epoch seconds; 0 while unfinished (or not known)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -187,12 +187,19 @@ def _blocks(node: NodeFacts, facts: ClusterFacts, accept: tuple[str, ...], appro
 
 
 def _restored(node: NodeFacts, facts: ClusterFacts) -> str | None:
-    """Why `node`'s evidence of loss does not count: it began before the node's last RESTORE, so it is the loss
-    that restore repaired, seen by an agent whose view has not caught up yet (found in the lab: a second RESTORE
-    proposed a second after the first one finished, while the restored node still looked STATE_LOST)."""
+    """Why `node`'s evidence of loss does not count: it began before the node's last RESTORE ended, so it is the
+    loss that restore repaired, seen by an agent whose view has not caught up yet (found in the lab: a second
+    RESTORE proposed a second after the first one finished, while the restored node still looked STATE_LOST).
+    The end, not the start: the RESTORE itself restarts the evidence (its quarantine, a crash of the target's
+    agent during it), so evidence newer than its start was still that loss (issue 12: a second RESTORE, of
+    another node, acked by all three agents a second after the first finished)."""
     if node.verdict is None or node.verdict.cls is not NodeClass.STATE_LOST:
         return None
-    restores = [e.started_wall for e in facts.history if e.kind == RESTORE and e.target == node.name]
+    restores = [
+        max(e.started_wall, e.finished_wall)
+        for e in facts.history
+        if e.kind == RESTORE and e.target == node.name
+    ]
     lost_since = facts.wall_now - node.held_seconds
     if restores and lost_since <= max(restores):
         return (

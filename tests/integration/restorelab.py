@@ -1,10 +1,14 @@
 """What the RESTORE lab tests share: the kmagent CLI of a lab node, a backup taken now and copied everywhere,
-every node's storage wiped, the RESTOREs the agents recorded, and a rebuilt cluster."""
+every node's storage wiped, the RESTOREs the agents recorded, a rebuilt cluster, and the crashes each agent
+logged at a failpoint."""
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 from emulator.lab.lab import Lab, LabNode, wait_for
-from tests.integration.crashlab import history, kmagent, status
+from tests.integration.crashlab import history, kmagent, log_text, status
 
 
 def held(lab: Lab, node: LabNode) -> list[str]:
@@ -13,7 +17,14 @@ def held(lab: Lab, node: LabNode) -> list[str]:
 
 
 def backup_everywhere(lab: Lab) -> str:
-    """A backup taken now (after the keys), on every agent: the one a restore must use."""
+    """A backup taken now (after the keys), on every agent: the one a restore must use.
+
+    A lab's first anchor takes a scheduled backup at once (none is known yet: `agent.backups` `due`); it may run
+    while ours does and end after it, as the newest. So this first waits for that one on every agent (at once
+    after the first call), then takes ours: no other scheduled backup comes within `backup.interval` (1h here)."""
+    wait_for(
+        lambda: all(held(lab, n) for n in lab.nodes()), 90, "the lab's first scheduled backup everywhere"
+    )
     wait_for(
         lambda: kmagent(lab, lab.nodes()[0], "backup", "now").returncode == 0, 90, "a backup to be taken"
     )
@@ -32,9 +43,27 @@ def restores(lab: Lab) -> dict[str, set[str]]:
     return found
 
 
-def restored_from(lab: Lab, action: str) -> str:
+def _recorded(lab: Lab, action: str) -> dict[str, Any]:
+    """The action `action` as the first history that holds it records it."""
     entry = next(e for n in lab.nodes() for e in history(lab, n) if e["action"]["id"] == action)
-    return str(dict(entry["action"]["params"])["backup"])
+    found: dict[str, Any] = entry["action"]
+    return found
+
+
+def restored_from(lab: Lab, action: str) -> str:
+    return str(dict(_recorded(lab, action)["params"])["backup"])
+
+
+def restored_on(lab: Lab, action: str) -> str:
+    """The node a RESTORE restored (its target: the anchor that proposed it), as the histories record it."""
+    return str(_recorded(lab, action)["target"])
+
+
+def crashes_by_node(lab: Lab, point: str) -> dict[str, int]:
+    """node -> how many times its agent logged a crash at `point` (the failpoint's own stderr line; the log is
+    appended across the agent's restarts, so callers compare with a count taken before)."""
+    line = re.compile(rf"failpoint {re.escape(point)} at {re.escape(point)}: crash", re.IGNORECASE)
+    return {n.name: len(line.findall(log_text(n))) for n in lab.nodes()}
 
 
 def rebuilt(lab: Lab) -> bool:

@@ -176,6 +176,22 @@ def test_a_loss_older_than_the_nodes_last_restore_never_licenses_another() -> No
     assert "was restored" not in refusal(proposed(again), again)
 
 
+def test_a_loss_seen_during_the_last_restore_never_licenses_another() -> None:
+    """Found by the restore crash lab (issue 12): the RESTORE of a ran 40 s, its quarantine (or a crash of a's
+    agent) restarted a's STATE_LOST evidence 10 s before it ended; one second after the end, views that had not
+    caught up licensed a second RESTORE. Evidence that began before the last RESTORE ended is that loss."""
+    done = ago("a", 41.0, "RESTORE", "done")._replace(finished_wall=WALL - 1.0)
+    seen_during = lost_cluster(node("a", LOST, 11.0), node("b", LOST), node("c", LOST), history=(done,))
+    why = restore._restored(seen_during.nodes[0], seen_during)
+    assert why is not None and "a was restored" in why
+    after = lost_cluster(node("a", LOST, 0.5), node("b", LOST), node("c", LOST), history=(done,))
+    assert restore._restored(after.nodes[0], after) is None  # a new loss, after the end: evidence again
+    unknown_end = lost_cluster(
+        node("a", LOST, 11.0), node("b", LOST), node("c", LOST), history=(ago("a", 41.0, "RESTORE", "done"),)
+    )
+    assert restore._restored(unknown_end.nodes[0], unknown_end) is None  # as before: measured from the start
+
+
 # ---- DESIGN §6 rail 11: a host whose volume is not mounted may still hold the newest state ----------------------
 
 MISSING, STALLED = NodeClass.VOLUME_MISSING, NodeClass.STALLED
