@@ -141,10 +141,7 @@ async def check_hsm_endpoint(cfg: ServerConfig) -> None:
     url = cfg.hsm_endpoint
     ctx = ssl.create_default_context()
     if cfg.ca is not None:
-        try:
-            _load_verify(ctx, cfg.ca)
-        except (OSError, ssl.SSLError) as exc:
-            raise StartupError(f"cannot load the CA certificates {cfg.ca}: {exc}") from exc
+        _load_verify(ctx, cfg.ca)
     try:
         timeout = aiohttp.ClientTimeout(total=cfg.hsm_timeout)
         async with (
@@ -162,12 +159,16 @@ async def check_hsm_endpoint(cfg: ServerConfig) -> None:
 
 
 def _load_verify(ctx: ssl.SSLContext, ca: Path) -> None:
-    if ca.is_dir():
-        for item in sorted(ca.iterdir()):
-            if item.is_file():
-                ctx.load_verify_locations(cafile=str(item))
-    else:
-        ctx.load_verify_locations(cafile=str(ca))
+    """The CA file, or every file of a CA directory; StartupError naming it when it cannot be loaded."""
+    try:
+        if ca.is_dir():
+            for item in sorted(ca.iterdir()):
+                if item.is_file():
+                    ctx.load_verify_locations(cafile=str(item))
+        else:
+            ctx.load_verify_locations(cafile=str(ca))
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(f"cannot load the CA certificates {ca}: {exc}") from exc
 
 
 def _load_identity_chain(ctx: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
@@ -196,10 +197,7 @@ def tls_contexts(cfg: ServerConfig, root_key: str) -> tuple[ssl.SSLContext, ssl.
     # As in the CLI: under TLS 1.2 a node that refuses our identity says so in the handshake.
     peer.maximum_version = ssl.TLSVersion.TLSv1_2
     if cfg.ca is not None:
-        try:
-            _load_verify(peer, cfg.ca)
-        except (OSError, ssl.SSLError) as exc:
-            raise StartupError(f"cannot load the CA certificates {cfg.ca}: {exc}") from exc
+        _load_verify(peer, cfg.ca)
     else:
         peer.load_default_certs()
     _load_identity_chain(peer, root_cert, root_private)
