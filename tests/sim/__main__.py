@@ -7,6 +7,7 @@ import dataclasses
 import sys
 import time
 
+from tests.sim.base import TUNABLE
 from tests.sim.sim import BROKEN_RULES, SimConfig, describe, run
 
 
@@ -15,6 +16,19 @@ def _range(text: str) -> range:
     if not sep or not lo.isdigit() or not hi.isdigit() or int(lo) >= int(hi):
         raise argparse.ArgumentTypeError(f"expected START:END with START < END, got {text!r}")
     return range(int(lo), int(hi))
+
+
+def _setting(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    if not sep or name not in TUNABLE:
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=VALUE with NAME one of {', '.join(TUNABLE)}, got {text!r}"
+        )
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name}: {value!r} is not a number") from None
+    return name, int(number) if isinstance(getattr(SimConfig, name), int) else number
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,10 +40,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--witnesses", type=int, default=0)
     ap.add_argument("--drift", type=float, default=SimConfig.drift, help="clock rate error bound")
     ap.add_argument("--broken", choices=BROKEN_RULES, help="run a deliberately broken rule (test only)")
+    ap.add_argument(
+        "--set",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="change a numeric setting of SimConfig (total_loss, freeze_in_command, crash_rate, ...)",
+    )
     ap.add_argument("-v", "--verbose", action="store_true", help="print the trace")
     args = ap.parse_args(argv)
     try:
-        base = SimConfig(agents=args.agents, witnesses=args.witnesses, drift=args.drift, broken=args.broken)
+        base = SimConfig(
+            agents=args.agents,
+            witnesses=args.witnesses,
+            drift=args.drift,
+            broken=args.broken,
+            **dict(args.set),
+        )
     except ValueError as exc:
         ap.error(str(exc))
     if args.seeds is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import hmac
@@ -12,7 +13,7 @@ from typing import Any
 from agent.config import Timings
 from agent.core.backups import BackupInfo
 from agent.core.election import Election, ElectionTimings
-from agent.core.messages import Ack, StepReply, VoteRequest
+from agent.core.messages import Ack, Certificate, StepReply, VoteRequest
 
 CLUSTER = "sim"
 BROKEN_RULES = (
@@ -27,6 +28,9 @@ BROKEN_RULES = (
     "no-restore-guard",  # guards without rule restore (guard rail 5)
     "oldest-backup",  # a restore that picks the oldest intact backup instead of the freshest
     "no-fetch-check",  # a RESTORE's fetch that uses its local copy without checking its sha256
+    "remove-by-current-id",  # the anchor's remove takes the host's id when it is sent, not the certified one
+    "no-lease-check",  # no fence before a destructive command leaves, nor while it runs (the step's own check only)
+    "no-stall-age",  # observations without an age: a hung probe keeps reporting its last reading, never STALLED
 )
 """Deliberately broken variants, for tests that prove the checker catches each kind of violation."""
 
@@ -68,6 +72,21 @@ class SimConfig:
     total_loss: float = 0.3  # share of seeds in which every node loses its state once (RESTORE)
     backup_every: float = 10.0  # a HEALTHY anchor takes a backup this often (real seconds)
     write_every: float = 1.0  # a client write commits this often while the cluster takes writes
+    # Destructive minkms commands (remove, add, restore) take effect a while after they leave (faults phase):
+    # most within half a second, `slow_command` of them within 0.5-5 s, `stuck_command` of them 1-2.5 leases
+    # later (past their timeout, the agent's minkms.command_timeout: killed, in doubt, they land all the same).
+    command_timeout: float = 10.0
+    slow_command: float = 0.12
+    stuck_command: float = 0.03
+    # Stalls (faults phase; all end when the faults stop). An agent process freezes (no ticks, no messages, its
+    # clock runs on), per agent per second, and within a destructive command, before its fence or right after
+    # it (the command then leaves when it wakes: the worst case the fencing must survive).
+    freeze_rate: float = 0.004
+    freeze_in_command: float = 0.06
+    long_freeze: float = 0.1  # share of freezes and disk stalls that last 20-60 s (the rest: 0.5-20 s)
+    disk_rate: float = 0.004  # an agent's durable writes stop returning for a while, per agent per second
+    probe_hang_rate: float = 0.006  # a node's storage probe hangs for a while, per node per second
+    probe_blip: float = 0.5  # share of those hangs that begin with one misread (the storage path looks empty)
     broken: str | None = None
     liveness: bool = True  # False: stop quietly at the heal deadline (safety-only sweeps)
 
@@ -103,9 +122,20 @@ class SimConfig:
         cmd = f"python -m tests.sim --seed {self.seed} --agents {self.agents} --witnesses {self.witnesses}"
         if self.drift != SimConfig.drift:
             cmd += f" --drift {self.drift}"
+        for name in TUNABLE:
+            if getattr(self, name) != getattr(SimConfig, name):
+                cmd += f" --set {name}={getattr(self, name)!r}"
         if self.broken:
             cmd += f" --broken {self.broken}"
         return cmd + " -v"
+
+
+TUNABLE = tuple(
+    f.name
+    for f in dataclasses.fields(SimConfig)
+    if f.type in ("float", "int") and f.name not in ("seed", "agents", "witnesses", "drift")
+)
+"""Numeric settings `python -m tests.sim --set NAME=VALUE` takes (a replay names those that differ)."""
 
 
 def liveness_bound(cfg: SimConfig) -> float:
@@ -190,6 +220,29 @@ class BackupCopy:
     """The anchor pushes each backup it takes to every agent (the daemon's copy, sha256 checked on arrival)."""
 
     info: BackupInfo
+    intact: bool = True
+
+
+@dataclass
+class Command:
+    """A destructive minkms command from the moment its fence passed: what it names, who sent it under which
+    lease, and what it did when it landed. The checker's record (`Checker.command_left`, `command_effect`)."""
+
+    seq: int
+    issuer: str  # the agent that sent it
+    holder: str  # whose lease it runs under: the issuer, or the anchor that requested the target step
+    cert: Certificate
+    step: str  # remove | add | restore
+    target: str  # the node its certificate names
+    ids: tuple[int, ...]  # remove: the minkms node ids it names
+    checked_at: float  # real time its fence passed (or, without one, its step's own lease check)
+    lease_end: float  # real time the holder's lease ended as it believed at that check (-1: no lease)
+    frozen: bool = False  # the issuer froze between the check and the send
+    left_at: float = 0.0  # real time it left
+    lands_at: float = 0.0  # real time minkms applies it
+    waiting: bool = True  # the issuer still waits for it (False: killed at its timeout, in doubt)
+    effect: str = ""  # what it did when it landed
+    backup: BackupInfo | None = None  # restore: the backup it restores, and whether the file was intact
     intact: bool = True
 
 

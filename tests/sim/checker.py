@@ -1,16 +1,33 @@
 """The invariants of DESIGN §4 and §6, checked after every event and at the instant of each send, ack and step.
 
 The checker keeps a ghost record that no agent can see: every certificate formed, every step that changed the
-world (in order, per action), and every action recorded finished anywhere. Rules that depend on one agent's
-view (cooldown, budget, the anchor, the last healthy member, min_members, the pause) are re-checked here,
-independently of `agent.core.guards`, on the data that agent decided from, at the moment it proposed or acked.
+world (in order, per action), every destructive minkms command from its fence to its effect, and every action
+recorded finished anywhere. Rules that depend on one agent's view (cooldown, budget, the anchor, the last healthy
+member, min_members, the pause) are re-checked here, independently of `agent.core.guards`, on the data that agent
+decided from, at the moment it proposed or acked.
+
+Fencing (agent/core/fencing.py), from the truth, for every destructive command (remove, add, restore):
+* it leaves only while its issuer holds its lease, unless the issuer froze right after its fence (the one gap no
+  code can close: the command then leaves late, and what it names must fence it);
+* when it lands, it changes only the node its certificate names, and a remove only the node id the certificate
+  names (never the host's id of the moment: the host may have been re-added under a new id);
+* if it lands after its issuer's lease, it changes nothing (fenced: the id is no longer a member, the host is a
+  member already, the node restored already), or it lands on a node no other step or command has changed since
+  its fence passed: as if it had landed just in time. A late command that changes a node someone else changed
+  in the meantime is the hazard itself (the deposed anchor of the incident).
+* rule 4, from the truth: a REJOIN never quarantines a member whose state and marker are intact (only a
+  misreading could call for it: a blip frozen by a hung probe, issue 12);
+* a node whose state is intact is never quarantined or removed by a REJOIN certified with an ack given while
+  that node's newest reading of its storage, in truth, was older than an observation may be used for
+  (`stall_margin`: `view.stale_after`, and the report's time in transit), its probe hanging or its agent
+  frozen.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from agent.core import playbooks
+from agent.core import fencing, playbooks
 from agent.core.agreement import certificate_problems
 from agent.core.backups import BackupInfo
 from agent.core.election import Ballot, quorum
@@ -18,7 +35,8 @@ from agent.core.facts import ClusterFacts
 from agent.core.messages import Action, Certificate, RestoreApproval, VoteReply, VoteRequest
 from agent.core.model import NodeClass
 from agent.core.restore import APPROVAL_VALIDITY
-from tests.sim.base import CLUSTER, sim_verify
+from agent.core.view import stale_after
+from tests.sim.base import CLUSTER, Command, sim_verify
 from tests.sim.world import STATE
 
 if TYPE_CHECKING:
@@ -49,6 +67,9 @@ class Checker:
         self.restores = 0  # restores that took effect (a node got a backup's state)
         self.restored_at: float | None = None  # real time of the last one
         self.first_acked: dict[str, float] = {}  # action id -> real time of its first ack
+        self.lease_since: dict[str, float] = {}  # real time each agent's current unbroken run of leases began
+        self.stalled_acks: set[tuple[str, int]] = set()  # (REJOIN id, term) acked on a stalled target
+        self.stalled_certs: set[tuple[str, int]] = set()  # (REJOIN id, term) certified with such an ack
 
     def fail(self, what: str) -> None:
         raise Violation(f"t={self.sim.t:.3f}: {what}")
@@ -70,6 +91,8 @@ class Checker:
             now = a.clock(t)
             if not a.election.is_anchor(now):
                 continue
+            if self.lease_end.get(a.name, -1.0) < t - 1e-9:
+                self.lease_since[a.name] = t
             for other, end in self.lease_end.items():
                 if other != a.name and end > t + 1e-9:
                     self.fail(
@@ -99,6 +122,8 @@ class Checker:
 
     def ack_given(self, agent: SimAgent, action: Action, facts: ClusterFacts, resume: bool) -> None:
         self.first_acked.setdefault(action.id, self.sim.t)
+        if action.kind == "REJOIN" and self.sim.stalled_for(action.target) > self.stall_margin():
+            self.stalled_acks.add((action.id, facts.term))
         self._paused(agent, "acked", action, facts)
         if action.kind not in playbooks.TABLES:
             self.fail(f"rule 5: {agent.name} acked {action.kind}, which the simulation does not model")
@@ -108,9 +133,8 @@ class Checker:
         if resume:
             return  # a resume is licensed by the certificate it continues (see agent.core.guards)
         members = [n for n in facts.nodes if n.is_member and n.verdict is not None]
-        if not restoring and not any(
-            n.name != action.target and n.verdict.cls is NodeClass.HEALTHY for n in members
-        ):  # type: ignore[union-attr]
+        healthy = [n for n in members if n.verdict is not None and n.verdict.cls is NodeClass.HEALTHY]
+        if not restoring and not any(n.name != action.target for n in healthy):
             self.fail(f"rule 3: {agent.name} acked {action.kind} {action.target}, the last HEALTHY member")
         target = facts.node(action.target)
         dead = (
@@ -168,6 +192,30 @@ class Checker:
             )
         self.certs.setdefault(cert.action.id, cert)
         self.proposer.setdefault(cert.action.id, anchor.name)
+        if (cert.action.id, cert.term) in self.stalled_acks:
+            self.stalled_certs.add((cert.action.id, cert.term))
+
+    def stall_margin(self) -> float:
+        """Real seconds past which an observation is STALLED for everyone (fix (c)): older than `stale_after`
+        (peer_timeout + command_timeout + probe: the longest a working observation loop leaves it) on the clock of
+        whoever judges it, give or take the drift, plus the report's time in transit, which its receiver cannot
+        see."""
+        cfg = self.sim.cfg
+        stale = stale_after(cfg.peer_timeout, cfg.probe, cfg.command_timeout)
+        return stale / (1 - cfg.drift) + cfg.late_delay
+
+    def _intact(self, name: str) -> bool:
+        node = self.sim.world.nodes[name]
+        return node.data == STATE and node.marker_ok
+
+    def _stalled_cert(self, cert: Certificate, what: str) -> None:
+        target = cert.action.target
+        if (cert.action.id, cert.term) in self.stalled_certs and self._intact(target):
+            self.fail(
+                f"stalled: {what} {target}, whose state is intact, for {cert.action.id} (term {cert.term}), acked "
+                f"while {target}'s newest observation was over {self.stall_margin():.1f}s old (its probe hung or "
+                "its agent frozen)"
+            )
 
     def step_run(self, agent: SimAgent, cert: Certificate, step: playbooks.Step) -> None:
         """Called just before a step changes the world (target steps on the target, the others on the anchor)."""
@@ -193,18 +241,67 @@ class Checker:
         if i > last + 1:
             self.fail(f"{agent.name} ran {step.name} of {action.id} before {names[last + 1]}")
         ran.append(i)
-        world = self.sim.world
-        if (
-            action.kind == "EVICT"
-            and step.name == "remove"
-            and action.target in world.members
-            and world.nodes[action.target].data == STATE
-        ):
-            left = len(self.sim.world.members) - 1
-            if left < self.sim.cfg.min_members:
+        node = self.sim.world.nodes[action.target] if step.runs_on == "target" else None
+        if step.name == "quarantine" and node is not None and not node.running:
+            self._stalled_cert(cert, f"{agent.name} quarantines")
+            members = self.sim.world.members
+            if action.kind == "REJOIN" and action.target in members and self._intact(action.target):
                 self.fail(
-                    f"rule 3: EVICT {action.target} leaves {left} members (min_members {self.sim.cfg.min_members})"
+                    f"rule 4: {agent.name} quarantines the intact state of {action.target}, a member with its "
+                    f"state and marker (node {members[action.target]}), for {action.id}"
                 )
+
+    # -- destructive minkms commands (fencing) ----------------------------------------------------------------
+
+    def command_left(self, agent: SimAgent, cmd: Command) -> None:
+        """A command leaves: its issuer holds its lease, unless it froze right after its fence. A target step a
+        remote anchor requested (a RESTORE's restore resumed by another anchor) runs under that anchor's lease,
+        which the target cannot read: it checks that it follows that anchor, not deposed (`execution.deposed`),
+        and the checker judges such a command by its effect only."""
+        if cmd.frozen or cmd.holder != agent.name:
+            return  # the gap no code can close: what the command names must fence it (command_effect)
+        if not agent.election.is_anchor(agent.clock(self.sim.t)):
+            end = self.lease_end.get(agent.name)
+            ended = f"ended at t={end:.3f}" if end is not None else "never held"
+            self.fail(
+                f"fencing: {agent.name} sends {cmd.step} of {cmd.cert.action.id} without its lease ({ended}), "
+                f"checked at t={cmd.checked_at:.3f}"
+            )
+
+    def command_effect(self, cmd: Command, changes: tuple[int, ...]) -> None:
+        """Just before a command changes the world (`changes`: the ids a remove takes out; (-1,) for an add or a
+        restore that takes effect; empty: it changes nothing, fenced by what it names)."""
+        if not changes:
+            return
+        sim, t = self.sim, self.sim.t
+        world, action = sim.world, cmd.cert.action
+        host = world.nodes[action.target].host
+        what = f"{cmd.step} #{cmd.seq} of {action.id} sent by {cmd.issuer} at t={cmd.left_at:.3f}"
+        if cmd.step == "remove":
+            certified = fencing.certified_node_id(action)
+            for nid in changes:
+                if nid != certified or world.hosts_of[nid] != host:
+                    self.fail(
+                        f"fencing: {what} removes node {nid} ({world.hosts_of[nid]}); its certificate names "
+                        f"node {certified} ({host})"
+                    )
+            self._stalled_cert(cmd.cert, f"{cmd.issuer}'s remove takes")
+            if action.kind == "EVICT" and world.nodes[action.target].data == STATE:
+                left = len(world.members) - len(changes)
+                if left < sim.cfg.min_members:
+                    self.fail(
+                        f"rule 3: EVICT {action.target} leaves {left} members (min_members {sim.cfg.min_members})"
+                    )
+        holds = (
+            self.lease_since.get(cmd.holder, float("inf")) <= cmd.checked_at
+            and self.lease_end.get(cmd.holder, -1.0) >= t
+        )
+        touched = world.touched.get(action.target, -1.0)
+        if not holds and touched > cmd.checked_at:
+            self.fail(
+                f"fencing: {what} lands after the lease it was sent under ({cmd.holder}'s, to t={cmd.lease_end:.3f}) and changes "
+                f"{action.target}, which another step changed at t={touched:.3f}, after its fence (t={cmd.checked_at:.3f})"
+            )
 
     # -- RESTORE (rule 5), from the world's truth and the operator's record ---------------------------------
 

@@ -13,8 +13,15 @@ and the network.
 
 The shell follows agent/actions.py step for step: facts built the same way, the anchor re-deciding every
 round, certifying, then running the steps in table order with its lease checked before each, target steps
-requested from the target, every step journaled (intent, then outcome) and idempotent. Where it differs from
-the daemon (time compressed, replies as messages), docs/protocol.md says so ("What the simulator checks").
+requested from the target, every step journaled (intent, then outcome, each a durable write with the daemon's
+deadline) and idempotent. Destructive minkms commands go through `send_command`, agent/actions.py's `_command`:
+the remove's plan is `fencing.remove_plan` against the membership read just before (the certified node id only),
+then the fence immediately before the command leaves (`fencing.lease_refusal` with MIN_COMMAND_SECONDS, no
+overdue durable write, the step's own precondition read again; a remote anchor's request: `execution.deposed`),
+and again every FENCE_EVERY while it runs; a fenced command is not counted against its step's attempts. The
+agent's own observation carries its age (`Obs`, `own_report`: the daemon's `verdict` and `node_report`), and a
+step that awaited goes on with its drive as the daemon's `_advance` does. Where it differs from the daemon (time
+compressed, replies as messages), docs/protocol.md says so ("What the simulator checks").
 """
 
 from __future__ import annotations
@@ -25,11 +32,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from agent.core import backups, execution, guards, planner, playbooks
+from agent.core import backups, execution, fencing, guards, planner, playbooks
 from agent.core import facts as cf
 from agent.core.agreement import AckCollector, Held, answer_ack, certificate_problems, release
 from agent.core.backups import BackupInfo
-from agent.core.classify import Tracked, held_for, track
+from agent.core.classify import Tracked, Verdict, held_for, track
 from agent.core.election import Ballot, Election, ElectionView, quorum, refusal
 from agent.core.execution import FINISH_STEP, RECENT_FINISHED
 from agent.core.messages import (
@@ -52,18 +59,24 @@ from agent.core.view import (
     PeerState,
     classify_cluster,
     electable,
+    observed_at,
     reference_membership,
+    stale_after,
+    vouched,
 )
 from tests.sim.base import (
     CLUSTER,
     ELECTIONS,
     STEP_WAIT,
     BackupCopy,
+    Command,
     StepAnswer,
     sim_sign,
     sim_verify,
 )
-from tests.sim.world import StepError
+from tests.sim.world import STATE, StepError
+
+FENCE_EVERY = 0.2  # agent/io/minkms.py's: seconds between the fence's checks while a command runs
 
 if TYPE_CHECKING:
     from tests.sim.sim import Simulation
@@ -128,6 +141,48 @@ class Disk:
     superseded: list[str] = field(default_factory=list)  # actions dropped for a total loss (the newest ids)
 
 
+@dataclass(frozen=True)
+class Obs:
+    """This agent's newest observation of its own node (agent/daemon.py's `observe`): when it was taken (agent
+    clock), the verdict `classify_local` gave it, and what the local `minkms stat` said. While the storage probe
+    hangs, no new one is taken until the probe's deadline (peer_timeout), then each round's says STALLED; an
+    observation older than `stale_after` is STALLED (`view.vouched`), here and at every peer."""
+
+    at: float
+    verdict: Verdict
+    members: tuple[tuple[int, str], ...]
+    node_id: int | None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a step ended. `ran` False: it did not run and is not counted against its attempts (agent/actions.py's
+    NotRun): its destructive command was fenced, or the disk did not journal it within the deadline."""
+
+    ok: bool
+    detail: str
+    ran: bool = True
+
+
+@dataclass(frozen=True)
+class Send:
+    """A destructive minkms command a step is about to send (agent/actions.py's `_command`): fenced first."""
+
+    step: str
+    ids: tuple[int, ...] = ()
+    backup: BackupInfo | None = None  # restore: the backup, and whether the local copy is intact
+    intact: bool = True
+    still: Callable[[], str | None] | None = None  # the step's own precondition, read again by the fence
+
+
+Issuer = tuple[str, int] | None
+"""Whose lease a command runs under: None for this agent's own; (anchor, certificate term) for a target step a
+remote anchor requested (agent/actions.py's `issuer`)."""
+
+Then = Callable[[Outcome], None]
+"""What follows a step (never called when its agent crashed on the way)."""
+
+
 @dataclass
 class Drive:
     """The anchor's work on one action in one term (memory only)."""
@@ -156,6 +211,10 @@ class SimAgent:
         self.disk = Disk()
         self.alive = False
         self.incarnation = 0
+        self.frozen_until = 0.0  # real time until which this agent's process is frozen (Simulation.freeze)
+        self.frozen_since = 0.0
+        self.disk_until = 0.0  # real time until which its disk does not answer (it survives a restart)
+        self.disk_since = 0.0
         self.members = tuple(
             Member(n, None if sim.is_witness(n) else sim.world.nodes[n].host) for n in sim.cfg.names
         )
@@ -169,6 +228,12 @@ class SimAgent:
         self.seq = 0
         self.drive: Drive | None = None
         self.own: NodeReport | None = None
+        self.obs: Obs | None = None
+        self.read_at = self.sim.t  # real time of the last reading of its storage that returned (the truth)
+        self.own_tracked: Tracked | None = None  # agent/daemon.py's `tracked`: its own verdict, from `obs`
+        self.probe_started: float | None = None  # agent clock: when the storage probe that hangs began
+        self.stepping = False  # a step awaits a journal write or a command (the daemon's busy flag and lock)
+        self.write_since: float | None = None  # real time the oldest durable write still outstanding began
 
     def clock(self, t: float) -> float:
         return self.offset + self.rate * t
@@ -188,10 +253,70 @@ class SimAgent:
         )
         self._reset()
         self.observe(self.clock(t))  # the daemon classifies before it listens: facts always name every node
-        self.sim.schedule(t + self.sim.rng.uniform(0, cfg.probe) / self.rate, self.tick, self.incarnation)
+        when = t + self.sim.rng.uniform(0, cfg.probe) / self.rate
+        self.sim.schedule_for(self.name, when, self.tick, self.incarnation)
 
     def crash(self) -> None:
         self.alive = False
+        self.frozen_until = 0.0  # a frozen process is killed like any other; the next one starts afresh
+        self.sim.deferred.pop(self.name, None)  # what waited for it dies with it (messages, timers)
+
+    def frozen(self) -> bool:
+        return self.frozen_until > self.sim.t
+
+    # -- the disk (agent/io/durable.py's Writes: in order, each with a deadline) -----------------------------
+
+    def disk_stalled(self) -> bool:
+        return self.disk_until > self.sim.t
+
+    def disk_deadline(self) -> float:
+        """Writes' deadline, the lease (agent/coordination.py), in real seconds."""
+        return self.sim.cfg.timings.lease / self.rate
+
+    def disk_overdue(self) -> bool:
+        """A durable write has been outstanding for longer than the deadline (`Writes.overdue`): the disk is
+        stalled, and this agent must neither lead nor send a destructive command."""
+        if not self.disk_stalled():
+            self.write_since = None
+            return False
+        return self.write_since is not None and self.sim.t - self.write_since > self.disk_deadline()
+
+    def _pending_write(self) -> None:
+        if self.write_since is None or self.write_since < self.disk_since:  # none yet in this stall
+            self.write_since = self.sim.t
+
+    def quick_write(self, what: str) -> bool:
+        """A vote or an ack's held action, fsynced before it is sent: refused while the disk is stalled (the
+        daemon waits up to the deadline, then refuses; the sim refuses at once and drops the late write, which
+        could only make a restarted agent more careful)."""
+        if not self.disk_stalled():
+            return True
+        self._pending_write()
+        self.sim.note(f"{self.name}: {what} not durable: the disk does not answer")
+        return False
+
+    def durable(self, what: str, then: Callable[[], None], stalled: Callable[[str], None]) -> None:
+        """A journal write: done at once while the disk answers; during a disk stall it returns when the stall
+        ends, or raises DiskStalled at the deadline if that comes first (the write itself lands later, and is not
+        acted on). The agent's step waits meanwhile (`stepping`)."""
+        if not self.disk_stalled():
+            then()
+            return
+        self._pending_write()
+        sim, inc = self.sim, self.incarnation
+        self.stepping = True
+        deadline = sim.t + self.disk_deadline()
+        if self.disk_until <= deadline:
+            sim.schedule_for(self.name, self.disk_until, self._resume, inc, then)
+        else:
+            why = f"{what}: the disk has not answered for {sim.cfg.timings.lease:g}s"
+            sim.schedule_for(self.name, deadline, self._resume, inc, lambda: stalled(why))
+
+    def _resume(self, incarnation: int, then: Callable[[], None]) -> None:
+        if self.alive and incarnation == self.incarnation:
+            self.sim.touched = self
+            self.stepping = False
+            then()
 
     # -- views and facts ---------------------------------------------------------------------------------------
 
@@ -210,38 +335,96 @@ class SimAgent:
         if not self.witness:
             host = self.sim.world.nodes[self.name].host
             cls = self.own.cls if self.own is not None else ""  # the last round's, as the daemon's `own`
-            own = NodeReport(cls, "", 0.0, host, members=self.sim.world.local_members(self.name))
+            members = self.obs.members if self.obs is not None else self.sim.world.local_members(self.name)
+            own = NodeReport(cls, "", 0.0, host, members=members)
         return reference_membership(self.election.anchor_hint(now), self.name, own, peers)
 
-    def own_report(self, now: float, reference: dict[int, str] | None) -> NodeReport | None:
-        if self.witness:
+    def take_observation(self, now: float, reference: dict[int, str] | None) -> None:
+        """agent/daemon.py's observe + decide: the world's truth, in `classify_local`'s order, unless the storage
+        probe hangs. Then the round waits for it up to its deadline (peer_timeout) and takes no observation; past
+        the deadline each round's observation says STALLED (rule 0), the rest of it (minkms stat) fresh."""
+        world, cfg = self.sim.world, self.sim.cfg
+        if world.probe_hangs(self.name, self.sim.t):
+            node = world.nodes[self.name]
+            if self.probe_started is None and node.probe_blip and node.data == STATE:
+                # the last probe to return misread the volume (issue 12: a blip), and the next one hangs
+                node.probe_blip = False
+                self.probe_started = now
+                blip = Verdict(
+                    NodeClass.STATE_LOST, "storage path is empty (a misread of a volume about to hang)"
+                )
+                self.obs = Obs(now, blip, world.local_members(self.name), world.members.get(self.name))
+                self.own_tracked = track(self.own_tracked, blip, now, seen=now)
+                self.read_at = self.sim.t
+                return
+            if self.probe_started is None:
+                self.probe_started = now
+            hung = now - self.probe_started
+            if hung < cfg.peer_timeout or cfg.broken == "no-stall-age":  # TEST ONLY: waits for ever
+                return
+            verdict = Verdict(
+                NodeClass.STALLED,
+                f"the storage probe has not returned for {hung:.1f}s (deadline {cfg.peer_timeout:g}s): "
+                "the volume does not answer",
+            )
+        else:
+            self.probe_started = None
+            pending = [(j.action, tuple(j.done)) for j in self.disk.journal.values() if j.outcome is None]
+            verdict = world.own_verdict(self.name, reference, execution.awaiting_mark(self.name, pending))
+            self.read_at = self.sim.t
+        self.obs = Obs(now, verdict, world.local_members(self.name), world.members.get(self.name))
+        self.own_tracked = track(self.own_tracked, verdict, now, seen=now)
+
+    def stale(self) -> float:
+        """agent/coordination.py's `stale_after`: how old an observation may be before it is STALLED."""
+        cfg = self.sim.cfg
+        return stale_after(cfg.peer_timeout, cfg.probe, cfg.command_timeout)
+
+    def own_verdict(self, now: float) -> Verdict | None:
+        """agent/daemon.py's `verdict`: STALLED once the observation behind it is older than `stale`."""
+        if self.obs is None or self.own_tracked is None:
             return None
-        world = self.sim.world
-        pending = [(j.action, tuple(j.done)) for j in self.disk.journal.values() if j.outcome is None]
-        v = world.own_verdict(self.name, reference, execution.awaiting_mark(self.name, pending))
-        t = self.tracked.get(self.name)
-        held = held_for(t, now) if t is not None and t.verdict.cls == v.cls else 0.0
-        node = world.nodes[self.name]
+        if self.sim.cfg.broken == "no-stall-age":  # TEST ONLY: the last verdict, however old
+            return self.own_tracked.verdict
+        return vouched(self.own_tracked.verdict, now - self.obs.at, self.stale())
+
+    def own_report(self, now: float) -> NodeReport | None:
+        """agent/daemon.py's node_report: the vouched verdict, held up to the observation, and its age."""
+        verdict = self.own_verdict(now)
+        if self.witness or verdict is None or self.obs is None or self.own_tracked is None:
+            return None
+        if verdict.cls is NodeClass.STALLED and (self.own is None or self.own.cls != verdict.cls):
+            self.sim.stats["stalled"] += 1
+            self.sim.note(f"{self.name} reports STALLED: {verdict.reason}")
+        if self.sim.cfg.broken == "no-stall-age":  # TEST ONLY: held as of now, no age
+            held, age = held_for(dataclasses.replace(self.own_tracked, seen=None), now), None
+        else:
+            held, age = held_for(self.own_tracked, self.obs.at), max(0.0, now - self.obs.at)
         return NodeReport(
-            v.cls.value,
-            v.reason,
+            verdict.cls.value,
+            verdict.reason,
             held,
-            node.host,
-            node_id=world.members.get(self.name),
+            self.sim.world.nodes[self.name].host,
+            node_id=self.obs.node_id,
             commit=0,
-            members=world.local_members(self.name),
+            members=self.obs.members,
+            observed_seconds=age,
         )
 
     def observe(self, now: float) -> None:
         peers = self._peers()
         reference = self._reference(now, peers)
-        own = self.own_report(now, reference)
+        if not self.witness:
+            self.take_observation(now, reference)
+        own = self.own_report(now)
         self.views = classify_cluster(
-            self.members, self.name, own, peers, reference, now, self.sim.cfg.peer_timeout
+            self.members, self.name, own, peers, reference, now, self.sim.cfg.peer_timeout, stale=self.stale()
         )
+        ageless = self.sim.cfg.broken == "no-stall-age"
         for v in self.views:
             if v.verdict is not None:
-                self.tracked[v.name] = track(self.tracked.get(v.name), v.verdict, now)
+                seen = None if ageless else observed_at(v, now)
+                self.tracked[v.name] = track(self.tracked.get(v.name), v.verdict, now, seen)
         self.own = own
 
     def fresh_reports(self, now: float) -> list[Report]:
@@ -365,6 +548,8 @@ class SimAgent:
         self.supersede(now)
         restarting = {r.sender for r in self.fresh_reports(now) if r.restarting}
         eligible = electable(self.views, restarting, self.unfinished())
+        if self.disk_overdue():  # it cannot journal: it must not lead (an anchor steps down, stops renewing)
+            eligible = tuple(e for e in eligible if e != self.name)
         view = ElectionView.from_reports(eligible, self.fresh_reports(now))
         out = self.election.tick(now, view, sim.rng.random())
         if out is not None:
@@ -373,15 +558,17 @@ class SimAgent:
             else:
                 sim.note(f"{self.name} sends {out.request}")
                 self.broadcast(out.request)
-        if self.election.is_anchor(now):
-            self.anchor_work(now)
-        else:
+        if not self.election.is_anchor(now):
             self.drive = None
+        elif not self.stepping:  # agent/actions.py's drive_once: nothing new while a step awaits
+            self.anchor_work(now)
         if self.alive:
             self.send_report(now)
-            sim.schedule(sim.t + sim.cfg.probe / self.rate, self.tick, incarnation)
+            sim.schedule_for(self.name, sim.t + sim.cfg.probe / self.rate, self.tick, incarnation)
 
     def persist_ballot(self, ballot: Ballot) -> bool:
+        if not self.quick_write("ballot"):
+            return False
         if self.sim.faulty and self.sim.rng.random() < self.sim.cfg.persist_fail:
             self.sim.note(f"{self.name} fsync of {ballot} failed")
             return False
@@ -485,7 +672,9 @@ class SimAgent:
             sign=sim_sign(self.name),
         )
         if held is not None:
-            if self.sim.faulty and self.sim.rng.random() < self.sim.cfg.persist_fail:
+            if not self.quick_write("held ack") or (
+                self.sim.faulty and self.sim.rng.random() < self.sim.cfg.persist_fail
+            ):
                 return AckReply(False, "could not persist the ack")
             self.disk.held = held
         if reply.granted:
@@ -511,12 +700,7 @@ class SimAgent:
             else None
         )
         if mine is not None and remaining is not None:
-            for step_name in remaining:
-                reply = self.target_step(mine.cert, step_name)
-                if reply is None or not reply.ok:
-                    return  # crashed, or refused: tried again next round
-            self.sim.stats["self_closed"] += 1
-            self.close_action(mine.cert, "done", "closed by its target, anchor now: its own steps all done")
+            self.close_own(mine.cert, remaining)
             return
         decision = planner.decide(facts)
         for node in decision.escalate:
@@ -542,6 +726,16 @@ class SimAgent:
             self.certify(d, now)
         else:
             self.advance(d, now)
+
+    def close_own(self, cert: Certificate, remaining: tuple[str, ...]) -> None:
+        """`execution.target_closes`: the own steps still to run (a trailing mark at most), then close, done."""
+        if remaining:
+            self.target_step(
+                cert, remaining[0], lambda out: self.close_own(cert, remaining[1:]) if out.ok else None
+            )  # refused, or not run: tried again next round
+            return
+        self.sim.stats["self_closed"] += 1
+        self.close_action(cert, "done", "closed by its target, anchor now: its own steps all done")
 
     def certify(self, d: Drive, now: float) -> None:
         """agent/actions.py's _certify, one round: the replies of the last round have arrived (or never will);
@@ -588,13 +782,15 @@ class SimAgent:
         self.advance(d, now)
         return True
 
-    def advance(self, d: Drive, now: float) -> None:
-        """agent/actions.py's _advance: the steps in order, the lease checked before each."""
+    def advance(self, d: Drive, now: float, resumed: bool = False) -> None:
+        """agent/actions.py's _advance: the steps in order, the lease checked before each. `resumed`: after a step
+        that awaited (a journal write, a command), the daemon's loop goes on with its drive whatever happened to
+        the anchor's drive meanwhile, as long as it holds a lease."""
         cert = d.cert
         assert cert is not None
         action = cert.action
         for step in playbooks.steps(action.kind):
-            if not self.alive or self.drive is not d:
+            if not self.alive or self.stepping or (self.drive is not d and not resumed):
                 return
             if not self.election.is_anchor(self.clock(self.sim.t)):
                 self.sim.note(f"{self.name} lost its lease before {step.name} of {action.id}")
@@ -607,10 +803,8 @@ class SimAgent:
                 self.request_step(d, step, now)
                 return
             if step.runs_on == "target":  # a RESTORE runs on its anchor: the same checks as a peer's request
-                reply = self.target_step(cert, step.name)
-                if reply is None:
-                    return
-                ok, detail = reply.ok, reply.detail
+                self.target_step(cert, step.name, functools.partial(self.after_step, d, step))
+                return
             else:
                 later = execution.done_after(action.kind, step.name, d.target_done)
                 if later is not None and self.sim.cfg.broken != "rerun-anchor-steps":
@@ -623,14 +817,20 @@ class SimAgent:
                         return
                     d.waiting = None
                 run = functools.partial(self.run_anchor_step, action, step.name)
-                result = self.journaled(cert, step, run)
-                if result is None:
-                    return
-                ok, detail = result
-            if not ok:
-                self.failed(d, step, detail)
+                self.journaled(cert, step, run, functools.partial(self.after_step, d, step))
                 return
         self.close(d, "done", "every step done")
+
+    def after_step(self, d: Drive, step: playbooks.Step, out: Outcome) -> None:
+        """A step of the drive ended: a failure counts against its attempts, one that did not run does not (again
+        next round); else the drive goes on with the next step."""
+        if not out.ran:
+            self.sim.note(f"{self.name}: {step.name} of {d.action.id} held back: {out.detail}")
+            return
+        if not out.ok:
+            self.failed(d, step, out.detail)
+            return
+        self.advance(d, self.clock(self.sim.t), resumed=True)
 
     def request_step(self, d: Drive, step: playbooks.Step, now: float) -> None:
         """Ask the target for `step`. A reply is awaited for STEP_WAIT probe periods (the daemon's HTTP timeout,
@@ -658,20 +858,37 @@ class SimAgent:
                 return False
         return bool(execution.writes_wait_for(action, self.views)) or self.sim.world.writable()
 
-    def run_anchor_step(self, action: Action, step: str) -> str:
+    def class_of(self, name: str) -> NodeClass | None:
+        view = next((v for v in self.views if v.name == name), None)
+        return view.verdict.cls if view is not None and view.verdict is not None else None
+
+    def run_anchor_step(self, action: Action, step: str) -> str | Send:
         world = self.sim.world
-        if step == "remove":
-            if action.target not in world.members:  # membership first, as agent/actions.py's check_remove
-                return world.remove(self.name, action.target)
-            view = next((v for v in self.views if v.name == action.target), None)
-            refusal = execution.evict_remove_refusal(
-                action, view.verdict.cls if view is not None and view.verdict is not None else None
-            )
+        host = world.nodes[action.target].host
+        if step == "remove":  # agent/actions.py's check_remove: membership first, then the EVICT's re-check
+            membership = world.member_ids()  # `minkms stat` on the anchor, now
+            if self.sim.cfg.broken == "remove-by-current-id":  # TEST ONLY: today's remove, by the host's id
+                ids = tuple(nid for nid, h in membership.items() if h == host)
+                plan = fencing.RemovePlan(
+                    ids, f"remove node {ids} ({host})" if ids else f"{host} is not a member"
+                )
+            else:
+                plan = fencing.remove_plan(action, host, membership)
+            if not plan.ids:
+                return plan.detail
+            refusal = execution.evict_remove_refusal(action, self.class_of(action.target))
             if refusal is not None:
                 raise StepError(refusal)
-            return world.remove(self.name, action.target)
+            # the target's class again at the last instant (agent/actions.py's `still`)
+            return Send(
+                "remove",
+                plan.ids,
+                still=lambda: execution.evict_remove_refusal(action, self.class_of(action.target)),
+            )
         if step == "add":
-            return world.add(self.name, action.target)
+            if host in world.member_ids().values():
+                return f"{host} is already a member"
+            return Send("add")
         if step == "verify":
             if not self.verified(action):
                 raise StepError("timed out waiting for the target to be HEALTHY and writes to work")
@@ -685,6 +902,13 @@ class SimAgent:
         if d.waiting != ans.step:
             return
         d.waiting = None
+        if (
+            ans.reply.not_run
+        ):  # fenced, not journaled in time, or this anchor is deposed there: not an attempt
+            self.sim.note(
+                f"{self.name}: {ans.step} of {d.action.id} held back by its target: {ans.reply.detail}"
+            )
+            return
         d.unanswered.pop(ans.step, None)
         d.target_done = ans.reply.progress or d.target_done
         d.progress_known = True
@@ -774,16 +998,28 @@ class SimAgent:
             cert, CLUSTER, self.sim.cfg.names, quorum(self.sim.cfg.agents), sim_verify
         )
         if problems or action.target != self.name:
-            reply = StepReply(False, "certificate refused")
-        else:
-            result = self.target_step(cert, req.step)
-            if result is None:
-                return  # crashed before answering
-            reply = result
-        self.send_to(src, StepAnswer(action.id, req.step, reply))
+            self.send_to(src, StepAnswer(action.id, req.step, StepReply(False, "certificate refused")))
+            return
+        if self.stepping:
+            return  # a step of its own holds the lock: the request waits, and times out (the anchor asks again)
+        now = self.clock(self.sim.t)
+        deposed = execution.deposed(src, cert.term, self.election.anchor_hint(now), self.election.term)
+        if deposed is not None:
+            self.send_to(src, StepAnswer(action.id, req.step, StepReply(False, deposed, not_run=True)))
+            return
 
-    def target_step(self, cert: Certificate, step_name: str) -> StepReply | None:
-        """agent/actions.py's _target_step."""
+        def answer(out: Outcome) -> None:
+            j = self.disk.journal.get(action.id)
+            progress = tuple(j.done) if j is not None else ()
+            reply = StepReply(out.ok, out.detail, progress, not_run=not out.ran)
+            self.send_to(src, StepAnswer(action.id, req.step, reply))
+
+        self.target_step(cert, req.step, answer, (src, cert.term))
+
+    def target_step(self, cert: Certificate, step_name: str, then: Then, issuer: Issuer = None) -> None:
+        """agent/actions.py's _target_step; `then` gets how it ended (never, if this agent crashed on the way).
+        A step that did not run (fenced, or not journaled in time) is answered as a failure to a peer, as the
+        daemon's step handler does."""
         action, d = cert.action, self.disk
         j = d.journal.get(action.id)
         done = tuple(j.done) if j is not None else ()
@@ -791,8 +1027,9 @@ class SimAgent:
             if j is not None and j.outcome is None:
                 self.record_finished(j, "done")
             d.held = release(d.held, action.id)
-            return StepReply(True, "finished", done)
-        mine = self.tracked.get(self.name)
+            then(Outcome(True, "finished"))
+            return
+        mine = self.own_verdict(self.clock(self.sim.t))  # STALLED once its observation is old: never run
         decision = execution.target_decision(
             action,
             step_name,
@@ -801,21 +1038,19 @@ class SimAgent:
             begun=j is not None,
             finished=j is not None and j.outcome is not None,
             done=done,
-            own_class=mine.verdict.cls if mine is not None else None,
+            own_class=mine.cls if mine is not None else None,
         )
         if not decision.run:
-            return StepReply(decision.ok, decision.detail, done)
+            then(Outcome(decision.ok, decision.detail))
+            return
         d.max_cert_term = max(d.max_cert_term, cert.term)
         step = next(s for s in playbooks.steps(action.kind) if s.name == step_name)
-        result = self.journaled(cert, step, lambda: self.run_target_step(action, step_name))
-        if result is None:
-            return None
-        return StepReply(result[0], result[1], tuple(d.journal[action.id].done))
+        self.journaled(cert, step, lambda: self.run_target_step(action, step_name), then, issuer)
 
-    def run_target_step(self, action: Action, step: str) -> str:
+    def run_target_step(self, action: Action, step: str) -> str | Send:
         world, me = self.sim.world, self.name
         restoring = action.kind == "RESTORE"
-        run: dict[str, Callable[[], str]] = {
+        run: dict[str, Callable[[], str | Send]] = {
             "fence": lambda: world.fence(me),
             "quarantine": lambda: world.quarantine(me, self.sim.t),
             "start": lambda: world.start(me, restoring),
@@ -866,11 +1101,15 @@ class SimAgent:
             return f"fetched {want.id} from {name} (sha256 checked)"
         raise StepError(f"no intact copy of {want.id} could be had: " + ("; ".join(errors) or "no holder"))
 
-    def restore(self, want: BackupInfo) -> str:
+    def restore(self, want: BackupInfo) -> str | Send:
+        """`minkms restore` of the local copy (its effect when it lands: `Simulation.land`)."""
         copy = self.disk.backups.get(want.id)
         if copy is None or copy.info != want:
             raise StepError(f"no local copy of {want.id}: fetch first")
-        return self.sim.world.restore(self.name, want, copy.intact)
+        node = self.sim.world.nodes[self.name]
+        if node.live and node.data == STATE and node.commit >= want.commit:
+            return f"already restored: commit {node.commit}"  # agent/actions.py's _restore looks first
+        return Send("restore", backup=want, intact=copy.intact)
 
     def verify_restored(self, want: BackupInfo) -> str:
         node = self.sim.world.nodes[self.name]
@@ -881,30 +1120,218 @@ class SimAgent:
     # -- journaled steps, with crashes between intent, effect and outcome ---------------------------------------
 
     def journaled(
-        self, cert: Certificate, step: playbooks.Step, run: Callable[[], str]
-    ) -> tuple[bool, str] | None:
-        """Intent (fsync), the step, outcome (fsync); None when the agent crashed on the way."""
+        self,
+        cert: Certificate,
+        step: playbooks.Step,
+        run: Callable[[], str | Send],
+        then: Then,
+        issuer: Issuer = None,
+    ) -> None:
+        """agent/actions.py's _journaled: intent (a durable write), the step, outcome (a durable write); `then`
+        gets how it ended, at once or once what it awaited returned; never when the agent crashed on the way. A
+        step whose work is a destructive command sends it through its fence (`send_command`)."""
         sim, action = self.sim, cert.action
-        j = self.disk.journal.setdefault(action.id, JEntry(action, cert, self.wall()))
-        j.cert, j.intent = cert, step.name
-        if self.crash_point(f"after the intent of {step.name}"):
-            return None
-        sim.checker.step_run(self, cert, step)
-        sim.note(f"{self.name} runs {step.name} of {action.id}")
-        try:
-            if sim.faulty and step.name != "verify" and sim.rng.random() < sim.cfg.step_fail:
-                raise StepError("injected failure")
-            ok, detail = True, run()
-        except StepError as exc:
-            ok, detail = False, str(exc)
+
+        def intent_written() -> None:
+            j = self.disk.journal.setdefault(action.id, JEntry(action, cert, self.wall()))
+            if j.outcome is not None:  # the journal refuses records of a finished action: the drive stops
+                sim.note(f"{self.name}: the journal refuses {step.name} of {action.id}: it is finished")
+                return
+            j.cert, j.intent = cert, step.name
+            if self.crash_point(f"after the intent of {step.name}"):
+                return
+            sim.checker.step_run(self, cert, step)
+            sim.note(f"{self.name} runs {step.name} of {action.id}")
+            try:
+                if sim.faulty and step.name != "verify" and sim.rng.random() < sim.cfg.step_fail:
+                    raise StepError("injected failure")
+                work = run()
+            except StepError as exc:
+                self.journal_outcome(cert, step, Outcome(False, str(exc)), then)
+                return
+            if isinstance(work, Send):
+                self.send_command(cert, work, lambda out: self.journal_outcome(cert, step, out, then), issuer)
+            else:
+                self.journal_outcome(cert, step, Outcome(True, work), then)
+
+        def not_started(why: str) -> None:
+            then(Outcome(False, f"{step.name} not started: {why}", ran=False))
+
+        self.durable("journal intent", intent_written, not_started)
+
+    def journal_outcome(self, cert: Certificate, step: playbooks.Step, out: Outcome, then: Then) -> None:
         if self.crash_point(f"after {step.name} ran, before its outcome"):
-            return None
-        j.intent = None
-        if ok:
-            sim.checker.step_done(cert, step)
-            if step.name not in j.done:
-                j.done.append(step.name)
-        return ok, detail
+            return
+
+        def written() -> None:
+            j = self.disk.journal.setdefault(cert.action.id, JEntry(cert.action, cert, self.wall()))
+            if j.outcome is not None:  # closed meanwhile (superseded, or a peer's finish): refused, as above
+                self.sim.note(f"{self.name}: the journal refuses the outcome of {step.name}: it is finished")
+                return
+            j.intent = None
+            if out.ok:
+                self.sim.checker.step_done(cert, step)
+                if step.name not in j.done:
+                    j.done.append(step.name)
+            then(out)
+
+        def in_doubt(why: str) -> None:  # the step ran; it runs again next round (idempotent)
+            then(Outcome(False, f"{step.name}: outcome not journaled: {why}", ran=False))
+
+        self.durable("journal outcome", written, in_doubt)
+
+    # -- destructive minkms commands (agent/actions.py's _command; agent/core/fencing.py) -----------------------
+
+    def send_command(self, cert: Certificate, send: Send, then: Then, issuer: Issuer) -> None:
+        """Fence, send, await (agent/actions.py's `_command`, agent/io/minkms.py's fenced `run`). The command
+        starts only if, immediately before, its issuer holds the lease with MIN_COMMAND_SECONDS to spare (a
+        step requested by a remote anchor: this agent follows that anchor, which it does not hold deposed), this
+        agent's disk answers, and the step's own precondition (`send.still`) still holds. While it runs, the
+        lease is checked every FENCE_EVERY and the command killed when it would end within LEASE_MARGIN; it is
+        also killed at its own timeout. A killed command is in doubt: it may land later all the same.
+
+        The process may freeze before the fence (the fence then judges on waking) or right after it: the command
+        then leaves when it wakes, however late, and nothing watches it meanwhile. Once sent, it lands after its
+        latency whatever happens to this agent (minkms has no term fencing): what it names must fence it."""
+        sim, inc = self.sim, self.incarnation
+        pick = sim.rng.random() if sim.faulty else 1.0
+        if pick < sim.cfg.freeze_in_command / 2:  # frozen before the fence (its prepare, its failpoint)
+            self.stepping = True
+            sim.freeze(self.name, sim.freeze_length(), "before the fence of " + send.step)
+            sim.schedule_for(
+                self.name, sim.t, self._resume, inc, lambda: self.fence(cert, send, then, issuer, False)
+            )
+            return
+        self.fence(cert, send, then, issuer, pick < sim.cfg.freeze_in_command)
+
+    def fence_refusal(
+        self, issuer: Issuer, running: bool, still: Callable[[], str | None] | None
+    ) -> str | None:
+        """agent/actions.py's `_command.fence`: why the command must not start (or go on running) now."""
+        now = self.clock(self.sim.t)
+        e = self.election
+        if issuer is None:
+            needed = 0.0 if running else fencing.MIN_COMMAND_SECONDS
+            refusal = fencing.lease_refusal(e.is_anchor(now), e.lease_remaining(now), needed)
+        else:
+            refusal = execution.deposed(issuer[0], issuer[1], e.anchor_hint(now), e.term)
+            if refusal is None and e.anchor_hint(now) not in (None, issuer[0]):
+                refusal = f"this agent follows {e.anchor_hint(now)}, not {issuer[0]}, as anchor now"
+        if running:
+            return refusal
+        if refusal is None and self.disk_overdue():
+            refusal = "a durable write has not returned within its deadline"
+        if refusal is None and still is not None:
+            refusal = still()
+        return refusal
+
+    def fence(self, cert: Certificate, send: Send, then: Then, issuer: Issuer, freeze_after: bool) -> None:
+        sim, cfg = self.sim, self.sim.cfg
+        refusal = self.fence_refusal(issuer, False, send.still)
+        if (
+            cfg.broken == "no-lease-check"
+        ):  # TEST ONLY: no fence; the step's own lease check, before its awaits
+            refusal = None
+        if refusal is not None:
+            sim.stats["fenced"] += 1
+            then(Outcome(False, f"fenced, not started: {refusal}", ran=False))
+            return
+        now = self.clock(sim.t)
+        holder = self.name if issuer is None else issuer[0]
+        if holder == self.name:
+            lease_end = (
+                sim.t + self.election.lease_remaining(now) / self.rate
+                if self.election.is_anchor(now)
+                else -1.0
+            )
+        else:
+            lease_end = sim.checker.lease_end.get(holder, -1.0)
+        cmd = Command(
+            seq=sim.next_command(),
+            issuer=self.name,
+            holder=holder,
+            cert=cert,
+            step=send.step,
+            target=cert.action.target,
+            ids=send.ids,
+            checked_at=sim.t,
+            lease_end=lease_end,
+            backup=send.backup,
+            intact=send.intact,
+        )
+        if not freeze_after:
+            self.leave(cmd, issuer, then)
+            return
+        cmd.frozen = True
+        sim.stats["frozen_after_check"] += 1
+        self.stepping = True
+        sim.freeze(self.name, sim.freeze_length(), f"right after the fence of {send.step}")
+        sim.schedule_for(
+            self.name, sim.t, self._resume, self.incarnation, lambda: self.leave(cmd, issuer, then)
+        )
+
+    def leave(self, cmd: Command, issuer: Issuer, then: Then) -> None:
+        sim, world = self.sim, self.sim.world
+        if cmd.step == "remove" and sim.cfg.broken == "remove-by-current-id":
+            host = world.nodes[cmd.target].host  # TEST ONLY: the host's id of the moment the command leaves
+            cmd.ids = tuple(nid for nid, h in world.member_ids().items() if h == host)
+            if not cmd.ids:
+                then(Outcome(True, f"{host} is not a member: nothing to remove"))
+                return
+        if not world.nodes[self.name].live:
+            then(Outcome(False, f"minkms {cmd.step}: the local minkms does not answer"))
+            return
+        cmd.left_at = sim.t
+        cmd.lands_at = sim.t + sim.command_latency()
+        sim.checker.command_left(self, cmd)
+        sim.note(
+            f"{self.name} sends {cmd.step} {list(cmd.ids) or cmd.target} of {cmd.cert.action.id} #{cmd.seq}"
+        )
+        sim.schedule(cmd.lands_at, sim.land, cmd)
+        self.stepping = True
+        sim.waiters[cmd.seq] = (self.name, self.incarnation, then)
+        deadline = sim.t + sim.cfg.command_timeout / self.rate
+        self.watch(self.incarnation, cmd, issuer, deadline, then)
+
+    def watch(self, incarnation: int, cmd: Command, issuer: Issuer, deadline: float, then: Then) -> None:
+        """The fence while the command runs, every FENCE_EVERY, and its own timeout; a frozen agent watches
+        nothing (its events wait), so its command runs on unwatched."""
+        sim = self.sim
+        if not cmd.waiting or not self.alive or incarnation != self.incarnation:
+            return
+        refusal = None if sim.cfg.broken == "no-lease-check" else self.fence_refusal(issuer, True, None)
+        if refusal is not None or sim.t >= deadline:
+            cmd.waiting = False
+            self.stepping = False
+            sim.touched = self
+            sim.stats["killed"] += 1
+            if refusal is not None:
+                then(
+                    Outcome(
+                        False, f"fenced, killed while running: {refusal}; its effect is in doubt", ran=False
+                    )
+                )
+            else:
+                timeout = sim.cfg.command_timeout
+                then(
+                    Outcome(
+                        False,
+                        f"minkms {cmd.step}: killed at its {timeout:g}s timeout; its effect is in doubt",
+                    )
+                )
+            return
+        at = min(deadline, sim.t + FENCE_EVERY / self.rate)
+        if at < cmd.lands_at:
+            sim.schedule_for(self.name, at, self.watch, incarnation, cmd, issuer, deadline, then)
+
+    def command_done(self, incarnation: int, cmd: Command, result: Outcome, then: Then) -> None:
+        """The command returned (it landed before it was killed): the step goes on from where it awaited."""
+        if not cmd.waiting or not self.alive or incarnation != self.incarnation:
+            return
+        cmd.waiting = False
+        self.stepping = False
+        self.sim.touched = self
+        then(result)
 
     def crash_point(self, where: str) -> bool:
         sim = self.sim

@@ -11,11 +11,26 @@ daemon's around the real election, classification, planner, guard rails, agreeme
 * steps that fail, operator pauses and resumes, clocks with drift and offset, wall clocks with skew;
 * backups (the HEALTHY anchor takes one every `backup_every`, pushed to every agent, a copy may rot on disk),
   and in some seeds a total loss (every node's state, sometimes with one host dead), restored by a RESTORE
-  armed by `policy.auto_restore` or by an operator's approval once the faults stop (`Scenario`).
+  armed by `policy.auto_restore` or by an operator's approval once the faults stop (`Scenario`);
+* time between a destructive minkms command and its effect (`land`): remove, add and restore leave through the
+  issuer's fence (`agent.core.fencing`) and land after a latency drawn per command, mostly under half a second,
+  sometimes seconds, now and then longer than a lease (the issuer kills it at its timeout: in doubt). They land
+  whatever happened to the issuer meanwhile (deposed, frozen, crashed after sending): minkms has no term fencing;
+* stalls: an agent's process freezes (`freeze`: its events wait, its clock runs on; also inside a command, before
+  its fence or right after it, so that the command leaves when it wakes); an agent's disk stops answering
+  (journal writes wait up to the lease, then the step is not run; votes and acks are not sent; the anchor steps
+  down once a write is overdue); a node's storage probe hangs (its observation stops, then says STALLED, and its
+  reports carry the observation's age, classified STALLED by its peers past peer_timeout, by the real core).
+  Every stall ends when the faults stop.
 
-One `random.Random(seed)` drives everything, so a seed replays exactly: `python -m tests.sim --seed S -v`.
+One `random.Random(seed)` drives everything, so a seed replays exactly: `python -m tests.sim --seed S -v`
+(`--set NAME=VALUE` changes a numeric setting; a replay command names those that differ from the defaults).
 After every event the invariants are checked (`checker.py`); after the faults stop, liveness is checked:
 an anchor within `liveness_bound`, then every node HEALTHY within `heal_bound` per node needing care.
+
+Not modelled: a hung volume's effect on minkms itself (only the agent's probe hangs), durable writes other than
+the journal's, the ballot and the held ack (history, escalations, superseded ids are written at once), the ack
+path waiting for the step lock, commands that minkms applies partly, and clock steps.
 """
 
 from __future__ import annotations
@@ -38,14 +53,15 @@ from tests.sim.base import (
     BROKEN_RULES,
     GUARDS_REMOVED,
     BackupCopy,
+    Command,
     SimConfig,
     heal_bound,
     liveness_bound,
     restore_bound,
 )
 from tests.sim.checker import Checker, Violation
-from tests.sim.node import SimAgent
-from tests.sim.world import STATE, World
+from tests.sim.node import Outcome, SimAgent, Then
+from tests.sim.world import STATE, StepError, World
 
 OPERATOR_DELAY = 5.0  # seconds from an escalation to the operator's `kmagent ack`, once the faults stopped
 MAX_PAGES = 2  # a node that escalates again after that many acks is left to its escalation (excused)
@@ -71,6 +87,15 @@ STATS = (
     "total_losses",
     "approvals",
     "restores",
+    "freezes",
+    "disk_stalls",
+    "probe_hangs",
+    "stalled",
+    "commands",
+    "late_commands",
+    "killed",
+    "fenced",
+    "frozen_after_check",
 )
 
 
@@ -130,8 +155,11 @@ class Simulation:
         self.cfg, self.verbose = cfg, verbose
         self.rng = random.Random(cfg.seed)
         self.t = 0.0
-        self.queue: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
+        self.queue: list[tuple[float, int, str | None, Callable[..., None], tuple[Any, ...]]] = []
         self.seq = 0
+        self.deferred: dict[str, list[tuple[Callable[..., None], tuple[Any, ...]]]] = {}  # a frozen agent's
+        self.commands = 0
+        self.waiters: dict[int, tuple[str, int, Then]] = {}  # command -> (issuer, incarnation, what follows)
         self.trace: list[str] = []
         self.faulty = True
         self.paged: set[str] = set()  # escalated nodes an operator will ack (after the faults stopped)
@@ -145,14 +173,15 @@ class Simulation:
             actions_per_hour=cfg.budget, min_members=cfg.min_members, auto_restore=self.scenario.auto
         )
         self.witness_names = frozenset(cfg.names[len(cfg.node_names) :])
-        self.world = World(cfg.node_names)
+        self.world = World(cfg.node_names, lambda: self.t)
         self.agents: dict[str, SimAgent] = {}
         for i, name in enumerate(cfg.names):
             rate = 1 + self.rng.uniform(-cfg.drift, cfg.drift)
             offset, skew = self.rng.uniform(0, 1000), self.rng.uniform(-cfg.wall_skew, cfg.wall_skew)
             self.agents[name] = SimAgent(self, name, i >= len(cfg.node_names), rate, offset, skew)
         self.checker = Checker(self)
-        self.world.on_restore = self.checker.restore_effect
+        self.landing: Command | None = None  # the restore command landing now
+        self.world.on_restore = self.restore_effect
 
     def is_witness(self, name: str) -> bool:
         return name in self.witness_names
@@ -162,8 +191,137 @@ class Simulation:
             self.trace.append(f"{self.t:9.3f} {line}")
 
     def schedule(self, at: float, fn: Callable[..., None], *args: Any) -> None:
+        """An event of the world (faults, the network's timing, a command landing): it runs whoever is frozen."""
+        self.schedule_for(None, at, fn, *args)
+
+    def schedule_for(self, owner: str | None, at: float, fn: Callable[..., None], *args: Any) -> None:
+        """An event of the agent `owner` (a tick, a delivery to it, the return of something it awaits): while
+        that agent is frozen it waits, and runs when it wakes, in order."""
         self.seq += 1
-        heapq.heappush(self.queue, (at, self.seq, fn, args))
+        heapq.heappush(self.queue, (at, self.seq, owner, fn, args))
+
+    # -- stalls ------------------------------------------------------------------------------------------------
+
+    def freeze(self, name: str, seconds: float, why: str) -> None:
+        """The agent's process stops (a GC pause, SIGSTOP, a VM stall): no ticks, no messages, its clock runs on;
+        it wakes with whatever it was doing. Its events wait (`schedule_for`)."""
+        a = self.agents[name]
+        if not a.frozen():
+            a.frozen_since = self.t
+        a.frozen_until = max(a.frozen_until, self.t + seconds)
+        self.stats["freezes"] += 1
+        self.note(f"FREEZE {name} for {seconds:.1f}s ({why})")
+        self.schedule(self.t + seconds, self.unfreeze, name)
+
+    def unfreeze(self, name: str, early: bool = False) -> None:
+        a = self.agents[name]
+        if early:
+            a.frozen_until = min(a.frozen_until, self.t)
+        if a.frozen_until > self.t or name not in self.deferred:
+            return
+        self.note(f"WAKE {name}")
+        for fn, args in self.deferred.pop(name):
+            self.schedule_for(name, self.t, fn, *args)
+
+    def freeze_length(self) -> float:
+        """Mostly a few seconds, sometimes a lease or two, now and then a minute (the incident: a ~50 s stall)."""
+        r = self.rng.random()
+        if r < self.cfg.long_freeze:
+            return self.rng.uniform(20.0, 60.0)
+        if r < 0.6:
+            return self.rng.uniform(0.5, 5.0)
+        return self.rng.uniform(5.0, 20.0)
+
+    def freeze_random(self) -> None:
+        live = [a for a in self.agents.values() if a.alive and not a.frozen()]
+        if live:
+            self.freeze(self.rng.choice(live).name, self.freeze_length(), "stall")
+
+    def stall_disk(self) -> None:
+        """One agent's durable writes stop returning for a while (a hung fsync)."""
+        a = self.agents[self.rng.choice(self.cfg.names)]
+        if a.disk_stalled():
+            return
+        seconds = self.freeze_length()
+        a.disk_since, a.disk_until = self.t, self.t + seconds
+        self.stats["disk_stalls"] += 1
+        self.note(f"DISK STALL on {a.name} for {seconds:.1f}s")
+
+    def hang_probe(self) -> None:
+        """One node's storage probe stops returning for a while (a hung volume)."""
+        node = self.world.nodes[self.rng.choice(self.cfg.node_names)]
+        if node.probe_hang_until > self.t:
+            return
+        seconds = self.rng.uniform(1.0, 8.0) if self.rng.random() < 0.5 else self.rng.uniform(8.0, 40.0)
+        node.probe_hung_since, node.probe_hang_until = self.t, self.t + seconds
+        node.probe_blip = self.rng.random() < self.cfg.probe_blip
+        self.stats["probe_hangs"] += 1
+        self.note(
+            f"PROBE HANG on {node.name} for {seconds:.1f}s{' after a misread' if node.probe_blip else ''}"
+        )
+
+    def stalled_for(self, name: str) -> float:
+        """How old, in real seconds, the node's newest reading of its storage is while its probe hangs or its
+        agent is frozen (0: neither): the truth behind STALLED."""
+        node, a = self.world.nodes[name], self.agents[name]
+        if a.alive and (node.probe_hang_until > self.t or a.frozen()):
+            return self.t - a.read_at
+        return 0.0
+
+    # -- destructive minkms commands ---------------------------------------------------------------------------
+
+    def next_command(self) -> int:
+        self.commands += 1
+        self.stats["commands"] += 1
+        return self.commands
+
+    def command_latency(self) -> float:
+        """From the moment a command leaves to the moment minkms applies it."""
+        r, cfg = self.rng.random(), self.cfg
+        if not self.faulty or r >= cfg.slow_command + cfg.stuck_command:
+            return self.rng.uniform(0.02, 0.5)
+        if r < cfg.stuck_command:
+            return self.rng.uniform(1.0, 2.5) * cfg.timings.lease
+        return self.rng.uniform(0.5, 5.0)
+
+    def land(self, cmd: Command) -> None:
+        """minkms applies a command, to the world as it is now, by what it names (no term fencing); the issuer
+        hears of it unless it was killed at its timeout."""
+        world, checker = self.world, self.checker
+        if self.t > cmd.lease_end:
+            self.stats["late_commands"] += 1
+        try:
+            if cmd.step == "remove":
+                checker.command_effect(cmd, tuple(world.removable(cmd.issuer, cmd.ids).values()))
+                detail = world.remove(cmd.issuer, cmd.ids)
+            elif cmd.step == "add":
+                checker.command_effect(cmd, (-1,) if world.addable(cmd.issuer, cmd.target) else ())
+                detail = world.add(cmd.issuer, cmd.target)
+            else:
+                assert cmd.backup is not None
+                self.landing = cmd
+                try:
+                    detail = world.restore(cmd.target, cmd.backup, cmd.intact)
+                finally:
+                    self.landing = None
+                if detail.startswith("already"):
+                    checker.command_effect(cmd, ())
+            result = Outcome(True, detail)
+        except StepError as exc:
+            result = Outcome(False, f"minkms {cmd.step}: {exc}")
+        cmd.effect = result.detail
+        self.note(f"LANDS #{cmd.seq} {cmd.step} of {cmd.cert.action.id} by {cmd.issuer}: {result.detail}")
+        waiter = self.waiters.pop(cmd.seq, None)
+        if waiter is not None and cmd.waiting:
+            issuer, incarnation, then = waiter
+            agent = self.agents[issuer]
+            self.schedule_for(issuer, self.t, agent.command_done, incarnation, cmd, result, then)
+
+    def restore_effect(self, target: str, backup: backups.BackupInfo, intact: bool) -> None:
+        """World.restore's hook, just before a restore takes effect."""
+        if self.landing is not None:
+            self.checker.command_effect(self.landing, (-1,))
+        self.checker.restore_effect(target, backup, intact)
 
     # -- network ---------------------------------------------------------------------------------------------
 
@@ -183,7 +341,7 @@ class Simulation:
             delay = self.rng.uniform(*self.cfg.delay)
             if self.faulty and self.rng.random() < self.cfg.late:
                 delay = self.rng.uniform(self.cfg.delay[1], self.cfg.late_delay)
-            self.schedule(self.t + delay, self.deliver, src, dst, msg)
+            self.schedule_for(dst, self.t + delay, self.deliver, src, dst, msg)
 
     def deliver(self, src: str, dst: str, msg: object) -> None:
         agent = self.touched = self.agents[dst]
@@ -202,6 +360,9 @@ class Simulation:
             (cfg.loss_rate, self.lose_state),
             (cfg.host_rate, self.kill_host),
             (cfg.pause_rate, self.pause),
+            (cfg.freeze_rate * cfg.agents, self.freeze_random),
+            (cfg.disk_rate * cfg.agents, self.stall_disk),
+            (cfg.probe_hang_rate * len(cfg.node_names), self.hang_probe),
         ]
         total = sum(rate for rate, _ in kinds)
         pick = rng.uniform(0, total)
@@ -265,7 +426,7 @@ class Simulation:
 
     def pause(self) -> None:
         """An operator runs `kmagent pause --for D` (or `resume`) on some live agent; reports spread it."""
-        live = [a for a in self.agents.values() if a.alive]
+        live = [a for a in self.agents.values() if a.alive and not a.frozen()]  # frozen: the CLI would hang
         if not live:
             return
         a = self.rng.choice(live)
@@ -286,7 +447,8 @@ class Simulation:
         the network); looked at every probe period, so that the first comes soon after an anchor exists."""
         anchor = self.current_anchor()
         due = self.t - self.last_backup >= self.cfg.backup_every
-        if due and anchor is not None and not anchor.witness and self.world.healthy(anchor.name):
+        awake = anchor is not None and not anchor.frozen()
+        if due and awake and anchor is not None and not anchor.witness and self.world.healthy(anchor.name):
             self.last_backup = self.t
             created = anchor.wall()
             bid = backups.backup_id(created, anchor.name)
@@ -350,7 +512,7 @@ class Simulation:
         while no node holds state and no approval is pending (an unused one, not expired)."""
         if not self.restore_pending():
             return
-        live = [a for a in self.agents.values() if a.alive]
+        live = [a for a in self.agents.values() if a.alive and not a.frozen()]
         pending = self.checker.unused_approval(self.t)
         if live and not pending:
             a = self.rng.choice(live)
@@ -389,6 +551,10 @@ class Simulation:
         for name, node in self.world.nodes.items():
             if not node.up:
                 self.world.host_up(name)
+            node.probe_hang_until = min(node.probe_hang_until, self.t)
+        for name, a in self.agents.items():
+            a.disk_until = min(a.disk_until, self.t)
+            self.unfreeze(name, early=True)
         epoch = max(a.disk.pause_epoch for a in self.agents.values()) + 1
         in_flight = {
             j.action.target
@@ -429,12 +595,26 @@ class Simulation:
 
     def excused(self, anchor: SimAgent | None) -> set[str]:
         """Nodes automation legitimately stopped for: escalated by the anchor once their budget was used; every
-        node after a total loss when no agent holds an intact backup (restored by hand, docs/operations.md)."""
-        if self.restore_pending() and not any(
-            c.intact for a in self.agents.values() for c in a.disk.backups.values()
+        node after a total loss when no agent holds an intact backup (restored by hand, docs/operations.md);
+        every node when no member holds the cluster's state and a node out of the membership does (evicted while
+        its host was down, then every member lost its state): it blocks the restore, as it may hold newer state
+        than any backup, and only an operator can decide (`--accept-loss-of`, or rebuild from it by hand)."""
+        if self.stranded() or (
+            self.restore_pending()
+            and not any(c.intact for a in self.agents.values() for c in a.disk.backups.values())
         ):
             return set(self.cfg.node_names)
         return set(anchor.disk.escalated) if anchor is not None else set()
+
+    def stranded(self) -> bool:
+        """After a total loss, the cluster's state is only on nodes out of the membership (evicted while their
+        host was down): no automatic action applies (a REJOIN needs a HEALTHY member, the restore is blocked by
+        a node that may hold newer state, and that node, live but out, is no restore candidate: there may be
+        no anchor at all). An operator's matter: excused."""
+        world = self.world
+        if not self.stats["total_losses"] or any(world.holds_state(m) for m in world.members):
+            return False
+        return any(world.holds_state(n) for n in self.cfg.node_names)
 
     def current_anchor(self) -> SimAgent | None:
         return next(
@@ -459,8 +639,11 @@ class Simulation:
         events = 0
         try:
             while self.queue:
-                at, _, fn, args = heapq.heappop(self.queue)
+                at, _, owner, fn, args = heapq.heappop(self.queue)
                 self.t = at
+                if owner is not None and self.agents[owner].frozen():
+                    self.deferred.setdefault(owner, []).append((fn, args))
+                    continue
                 self.touched = None
                 fn(*args)
                 events += 1
@@ -481,7 +664,7 @@ class Simulation:
                             heal_deadline += restore_bound(cfg) - heal_bound(cfg)
                             heal_deadline += 0.0 if self.policy.auto_restore else OPERATOR_DELAY
                     elif at > anchor_deadline:
-                        if not cfg.liveness:
+                        if not cfg.liveness or self.stranded():
                             break
                         raise Violation(
                             f"liveness: no anchor within {liveness_bound(cfg):.1f}s after the faults stopped"
@@ -566,7 +749,9 @@ def describe(result: Result) -> str:
         f"{s['losses']} state losses, {s['host_deaths']} host deaths, {s['pauses']} pauses; "
         f"certified {s['rejoins']} REJOIN {s['evicts']} EVICT; {s['backups']} backups, "
         f"{s['total_losses']} total losses, {s['approvals']} approvals, {s['restores']} restored; {s['done']} done, {s['aborted']} aborted, "
-        f"{s['failed']} failed, {s['escalations']} escalations; "
+        f"{s['failed']} failed, {s['escalations']} escalations; {s['freezes']} freezes, {s['disk_stalls']} disk "
+        f"stalls, {s['probe_hangs']} probe hangs; {s['commands']} commands, {s['late_commands']} landed late, "
+        f"{s['fenced']} fenced, {s['killed']} killed; "
         f"anchor {_secs(r.anchor_after_quiet)} and healed {_secs(r.healed_after_quiet)} after faults stopped"
     )
     if r.violation:
