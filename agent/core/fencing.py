@@ -90,9 +90,3 @@ def remove_plan(action: Action, host: str, membership: Mapping[int, str]) -> Rem
     if current != host:
         return RemovePlan((), f"node {certified} is {current} now, not {host}: nothing removed")
     return RemovePlan((certified,), f"remove node {certified} ({host})")
-
-
-def command_timeout(lease_remaining: float, configured: float) -> float:
-    """TEMPORARY, for the simulator's older model of the fence (a timeout cut to fit the lease); the shell now
-    runs a command with its configured timeout and kills it when `lease_refusal(..., 0)` objects."""
-    return max(0.0, min(configured, lease_remaining - LEASE_MARGIN))

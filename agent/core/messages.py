@@ -30,7 +30,7 @@ class NodeReport:
     leader_id: int | None = None
     members: tuple[tuple[int, str], ...] = ()  # the membership the local minkms reports (id, host)
     # How old, on the sender's clock, the observation behind `cls` was when the report was made (None: a sender
-    # that does not say). An observation older than peer_timeout is STALLED for everyone (`view.vouched`).
+    # that does not say). An observation older than `view.stale_after` is STALLED for everyone (`view.vouched`).
     observed_seconds: float | None = None
 
 
