@@ -72,8 +72,9 @@ class StepFailed(Exception):
 
 
 class NotRun(Exception):
-    """A step that did not run, and is not counted against its attempts: its destructive command was fenced (the
-    lease would not outlast it), or the disk did not journal its intent in time. Again next round."""
+    """A step that did not run (or whose command was killed in doubt), and is not counted against its attempts: its
+    destructive command was fenced or killed as its lease ended, the disk did not journal it in time, or the target
+    holds its issuer deposed. Again next round, by whoever is anchor then."""
 
 
 @dataclass
@@ -251,18 +252,20 @@ class Actions:
                 await self._save_held(release(self.held, self.held.action.id))
             for state in self._to_close(finished):
                 detail = "closed here: the anchor recorded it finished (its history has the outcome)"
-                await self._io(
-                    "close action",
-                    close_action,
-                    self.journal,
-                    self.history,
-                    state.action.id,
-                    "done",
-                    detail,
-                    (),
-                )
+                await self._close_journal(state.action.id, "done", detail, ())
                 if state.action.target == self.cfg.name:
-                    await self._io("fresh-start authorisation", revoke_fresh_start, Path(self.cfg.state.dir))
+                    await self._revoke_fresh_start()
+
+    async def _close_journal(
+        self, action_id: str, outcome: Outcome, detail: str, evidence: tuple[str, ...]
+    ) -> HistoryEntry:
+        """`close_action` (history entry first, then the journal's finish record) on the disk thread."""
+        return await self._io(
+            "close action", close_action, self.journal, self.history, action_id, outcome, detail, evidence
+        )
+
+    async def _revoke_fresh_start(self) -> None:
+        await self._io("fresh-start authorisation", revoke_fresh_start, Path(self.cfg.state.dir))
 
     async def _save_held(self, held: Held | None) -> None:
         """Durable before anyone hears of it (an ack leaves only after this returned)."""
@@ -393,18 +396,8 @@ class Actions:
         if step_name == FINISH_STEP and cert.term >= self.max_cert_term:
             try:
                 if state is not None and not state.finished:
-                    detail = "the anchor recorded it done"
-                    await self._io(
-                        "close action",
-                        close_action,
-                        self.journal,
-                        self.history,
-                        action.id,
-                        "done",
-                        detail,
-                        (),
-                    )
-                await self._io("fresh-start authorisation", revoke_fresh_start, Path(self.cfg.state.dir))
+                    await self._close_journal(action.id, "done", "the anchor recorded it done", ())
+                await self._revoke_fresh_start()
                 await self._save_held(release(self.held, action.id))
             except OSError as exc:
                 return StepReply(False, f"not finished here: {exc}", done)
@@ -514,7 +507,7 @@ class Actions:
             )
             marker = Marker(self.cfg.cluster, agent.my_host, me, time.time())
             await self._io("identity marker", write_marker, agent.storage_path, marker, agent.marker_record)
-            await self._io("fresh-start authorisation", revoke_fresh_start, Path(self.cfg.state.dir))
+            await self._revoke_fresh_start()
             return f"identity marker written: node {me}"
         raise StepFailed(f"{step_name} is not a step of the target")
 
@@ -626,11 +619,9 @@ class Actions:
             await self._save_held(release(self.held, action.id))
         state = self.journal.state().get(action.id)
         if state is not None and not state.finished:
-            await self._io(
-                "close action", close_action, self.journal, self.history, action.id, "aborted", why, ()
-            )
+            await self._close_journal(action.id, "aborted", why, ())
             if action.target == self.cfg.name:
-                await self._io("fresh-start authorisation", revoke_fresh_start, Path(self.cfg.state.dir))
+                await self._revoke_fresh_start()
         if self.drive is not None and self.drive.action.id == action.id:
             self.drive = None
         log.warning(
@@ -897,16 +888,7 @@ class Actions:
         evidence = tuple(planner.decide(self.facts(anchor=self.cfg.name)).evidence)
         if self.journal.state().get(cert.action.id) is None:
             await self._io("journal begin", self.journal.begin, cert.action, cert, "anchor")
-        entry = await self._io(
-            "close action",
-            close_action,
-            self.journal,
-            self.history,
-            cert.action.id,
-            outcome,
-            detail,
-            evidence,
-        )
+        entry = await self._close_journal(cert.action.id, outcome, detail, evidence)
         if cert.action.target != self.cfg.name:
             await self._remote(cert, FINISH_STEP, 30.0)
 

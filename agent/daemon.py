@@ -412,7 +412,7 @@ class Agent:
                 Metric(
                     "kmagent_observation_age_seconds",
                     "gauge",
-                    "age of the newest observation of the local node (STALLED past peer_timeout)",
+                    "age of the newest observation of the local node (STALLED past view.stale_after)",
                     ((labels, time.monotonic() - obs.at),),
                 )
             )
