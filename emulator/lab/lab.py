@@ -674,12 +674,13 @@ def _nft(script: str) -> None:
 
 
 def wipe(data: Path) -> None:
-    """Empty a storage directory (keep the directory itself, as a mount point would stay)."""
+    """Empty a storage directory (keep the directory itself, as a mount point would stay). An entry that vanishes
+    meanwhile is gone already: the agent's storage probe creates and deletes its own file in there every round."""
     for item in data.iterdir():
         if item.is_dir() and not item.is_symlink():
             shutil.rmtree(item)
         else:
-            item.unlink()
+            item.unlink(missing_ok=True)
 
 
 def corrupt(data: Path) -> None:
