@@ -18,7 +18,7 @@ import enum
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
@@ -41,7 +41,7 @@ from agent.core.messages import (
     StepReply,
     StepRequest,
 )
-from agent.core.model import NodeClass, ServiceState
+from agent.core.model import NodeClass, NodeStatus, ServiceState
 from agent.core.view import fresh_report
 from agent.io import logs
 from agent.io.backups import fetch_backup
@@ -50,7 +50,7 @@ from agent.io.journal import ActionState, History, HistoryEntry, Journal, Outcom
 from agent.io.minkms import RC_FENCED, CommandResult, Fence
 from agent.io.peers import PeerError
 from agent.io.signing import AckVerifier, Signer
-from agent.io.storage import Marker, quarantine, write_marker
+from agent.io.storage import Marker, clear_unmarked, note_unmarked, quarantine, read_unmarked, write_marker
 from agent.preflight import authorise_fresh_start, revoke_fresh_start
 
 if TYPE_CHECKING:
@@ -112,6 +112,7 @@ class Actions:
         self.acks: dict[str, float] = {}
         self.escalated: frozenset[str] = self._load_escalated()
         self.superseded: tuple[str, ...] = self._load_superseded()
+        self.unmarked: str | None = read_unmarked(state)  # a REJOIN started this node fresh; no marker since
         self.drive: Drive | None = None
         self.requested: Action | None = (
             None  # an operator's request, on the anchor, until proposed or refused
@@ -119,6 +120,9 @@ class Actions:
         self.lock = asyncio.Lock()  # one ack decision or step at a time on this agent
         self.disk = coordinator.disk  # durable writes, off the loop, with a deadline
         self.closing: asyncio.Task[None] | None = None  # closing actions a peer recorded finished
+        # action id -> peers that answered its history share: the close counts once a quorum recorded it
+        self.confirmed: dict[str, set[str]] = {}
+        self.unconfirmed_logged: str | None = None  # the close whose wait was logged (once per close)
         # the remote anchor (name, certificate term) whose step request runs here now; None: this agent's own
         self.issuer: tuple[str, int] | None = None
         self.max_cert_term = max(
@@ -172,6 +176,7 @@ class Actions:
             unfinished=None,
             removed=removed,
             history=history,
+            finished=frozenset(self.recorded_ids()),
             escalated=self.escalated,
             acked=self.ack_items(),
             paused_until=pause.until if pause.active(time.time()) else 0.0,
@@ -201,13 +206,56 @@ class Actions:
         )
 
     def awaiting_mark(self) -> bool:
-        """This node's own REJOIN started it fresh and has not marked it yet (see `execution.awaiting_mark`)."""
+        """This node's own REJOIN started it fresh and has not marked it yet (see `execution.awaiting_mark`), or
+        one did and closed without `mark` (the note of `note_unmarked`, until `adopt_marker`)."""
         pending = [(s.action, s.progress.done) for s in self.journal.state().unfinished()]
-        return execution.awaiting_mark(self.cfg.name, pending)
+        return execution.awaiting_mark(self.cfg.name, pending) or self.unmarked is not None
+
+    async def adopt_marker(
+        self,
+        storage: Path,
+        record: Path,
+        my_host: str,
+        local: NodeStatus | None,
+        reference: Mapping[int, str] | None,
+    ) -> int | None:
+        """Write the marker of a node that a REJOIN's late `add` made a member after the REJOIN closed without
+        `mark` (`execution.adoptable`); the node id it was written under, or None. Never while a step runs: the
+        observation round must not wait minutes for the lock."""
+        if self.unmarked is None or self.lock.locked():
+            return None
+        async with self.lock:
+            pending = any(
+                s.action.kind == "REJOIN" and s.action.target == self.cfg.name
+                for s in self.journal.state().unfinished()
+            )
+            me = execution.adoptable(my_host, True, pending, local, reference or {})
+            if me is None:
+                return None
+            marker = Marker(self.cfg.cluster, my_host, me, time.time())
+            await self._io("identity marker", write_marker, storage, marker, record)
+            await self._clear_unmarked()
+        log.warning(
+            logs.kv(
+                event="marker_adopted",
+                node_id=me,
+                detail="a member without its marker after its REJOIN closed: the late add made it one",
+            )
+        )
+        return me
+
+    async def _clear_unmarked(self) -> None:
+        await self._io("unmarked note", clear_unmarked, Path(self.cfg.state.dir))
+        self.unmarked = None
 
     def finished_ids(self) -> tuple[str, ...]:
         history = [e.action.id for e in self.history.entries(limit=RECENT_FINISHED)]
         return execution.finished_ids(history, self.superseded)
+
+    def recorded_ids(self) -> tuple[str, ...]:
+        """Every id this agent recorded finished that guard rule `finished` refuses: the recent history (more of
+        it than the reports carry) and the superseded drops."""
+        return (*(e.action.id for e in self.history.entries(limit=200)), *self.superseded)
 
     def _load_superseded(self) -> tuple[str, ...]:
         try:
@@ -484,6 +532,11 @@ class Actions:
             )
             return f"state moved to {qdir}"
         if step_name == "start":
+            if action.kind == "REJOIN":  # before minkms may start fresh: outlives the action (`adopt_marker`)
+                await self._io(
+                    "unmarked note", note_unmarked, Path(self.cfg.state.dir), action.id, time.time()
+                )
+                self.unmarked = action.id
             until = time.time() + timeout + 60
             await self._io(
                 "fresh-start authorisation", authorise_fresh_start, Path(self.cfg.state.dir), action.id, until
@@ -507,6 +560,7 @@ class Actions:
             )
             marker = Marker(self.cfg.cluster, agent.my_host, me, time.time())
             await self._io("identity marker", write_marker, agent.storage_path, marker, agent.marker_record)
+            await self._clear_unmarked()
             await self._revoke_fresh_start()
             return f"identity marker written: node {me}"
         raise StepFailed(f"{step_name} is not a step of the target")
@@ -680,6 +734,9 @@ class Actions:
                 await self._close(mine.certificate, "done", detail)
             finally:
                 self.busy = False
+            return
+        if facts.unfinished is None and await self._close_unconfirmed(now):
+            self.drive = None
             return
         decision = planner.decide(facts)
         if decision.escalate:
@@ -892,22 +949,61 @@ class Actions:
         if cert.action.target != self.cfg.name:
             await self._remote(cert, FINISH_STEP, 30.0)
 
-        async def share(name: str) -> None:
-            spec = self.cfg.agent(name)
-            assert spec is not None
-            try:
-                await self.coordinator.client.post(spec, HISTORY_PATH, entry, StepReply)
-            except (
-                PeerError
-            ) as exc:  # best effort: its own record, if any, and the reports' finished ids remain
-                log.info(logs.kv(event="history_not_shared", peer=name, error=exc))
-
-        await asyncio.gather(*(share(a.name) for a in self.cfg.peers))
+        await self._share(entry, [a.name for a in self.cfg.peers])
         await self._save_held(release(self.held, cert.action.id))
         if self.requested is not None and self.requested.id == cert.action.id:
             self.requested = None
         self.drive = None
         log.warning(logs.kv(event="action_finished", action=cert.action.id, outcome=outcome, detail=detail))
+
+    async def _share(self, entry: HistoryEntry, names: Sequence[str]) -> None:
+        """Send a close to these peers; those that recorded it count toward its quorum (`close_unconfirmed`)."""
+
+        async def share(name: str) -> None:
+            spec = self.cfg.agent(name)
+            assert spec is not None
+            try:
+                reply = await self.coordinator.client.post(spec, HISTORY_PATH, entry, StepReply)
+            except PeerError as exc:  # shared again until a quorum recorded it
+                log.info(logs.kv(event="history_not_shared", peer=name, error=exc))
+                return
+            if reply.ok:
+                self.confirmed.setdefault(entry.action.id, set()).add(name)
+
+        await asyncio.gather(*(share(n) for n in names))
+        for stale in [k for k in self.confirmed if k != entry.action.id]:
+            del self.confirmed[stale]
+
+    async def _close_unconfirmed(self, now: float) -> bool:
+        """Share the newest close again while fewer than a quorum recorded it (`execution.close_unconfirmed`);
+        True: the anchor proposes nothing meanwhile."""
+        newest = self.history.entries(limit=1)
+        if not newest:
+            return False
+        entry = newest[0]
+        timeout = self.cfg.timings.peer_timeout
+        reports = [fresh_report(link.state, now, timeout) for link in self.coordinator.links.values()]
+        missing = execution.close_unconfirmed(
+            entry.action.id,
+            self.cfg.name,
+            [a.name for a in self.cfg.agents],
+            [r for r in reports if r is not None],
+            self.confirmed.get(entry.action.id, ()),
+        )
+        if not missing:
+            return False
+        if self.unconfirmed_logged != entry.action.id:
+            self.unconfirmed_logged = entry.action.id
+            log.warning(
+                logs.kv(
+                    event="close_unconfirmed",
+                    action=entry.action.id,
+                    sharing_with=",".join(missing),
+                    detail="fewer than a quorum recorded it: nothing new is proposed until they do",
+                )
+            )
+        await self._share(entry, missing)
+        return True
 
     async def _run_anchor_step(self, action: Action, step_name: str) -> str:
         agent = self.agent()

@@ -228,7 +228,8 @@ class Agent:
 
     async def maintain_marker(self, obs: Observation, verdict: Verdict) -> None:
         """Record this host's identity beside the state once the node is known good (DESIGN §3), and the volume
-        it is on: again when the record lacks it (an older agent's) or names another one (renumbered devices)."""
+        it is on: again when the record lacks it (an older agent's) or names another one (renumbered devices).
+        A marker missing on a healthy node is one a REJOIN's late `add` left unwritten (`Actions.adopt_marker`)."""
         if verdict.cls is not NodeClass.HEALTHY:
             return
         try:
@@ -239,6 +240,14 @@ class Agent:
                     "identity marker", write_marker, self.storage_path, marker, self.marker_record
                 )
                 log.info(logs.kv(event="marker_written", path=self.cfg.local.storage_path))
+            elif obs.storage.marker is MarkerState.MISSING and isinstance(self.coordinator.actions, Actions):
+                await self.coordinator.actions.adopt_marker(
+                    self.storage_path,
+                    self.marker_record,
+                    self.my_host,
+                    obs.minkms.node_by_host(self.my_host),
+                    self.coordinator.reference(obs.at),
+                )
             elif obs.storage.marker is MarkerState.OK and obs.storage.identity_stale:
                 await self.coordinator.disk.run(
                     "identity marker", refresh_identity, self.storage_path, self.marker_record

@@ -13,9 +13,10 @@ from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from agent.core import playbooks, restore
+from agent.core.election import quorum
 from agent.core.facts import ClusterFacts
 from agent.core.messages import Action, Report, StepReply
-from agent.core.model import NodeClass
+from agent.core.model import NodeClass, NodeStatus
 from agent.core.view import NodeView
 
 __all__ = [
@@ -26,9 +27,11 @@ __all__ = [
     "REJOIN_CLASSES",
     "SUPERSEDED",
     "TargetDecision",
+    "adoptable",
     "already_finished",
     "ask_progress",
     "awaiting_mark",
+    "close_unconfirmed",
     "done_after",
     "dropped_by_target",
     "evict_remove_refusal",
@@ -106,6 +109,56 @@ def awaiting_mark(me: str, pending: Iterable[tuple[Action, Sequence[str]]]) -> b
     )
 
 
+def adoptable(
+    my_host: str,
+    unmarked: bool,
+    own_rejoin_pending: bool,
+    local: NodeStatus | None,
+    reference: Mapping[int, str],
+) -> int | None:
+    """The node id under which this node writes its marker outside any action (None: it does not).
+
+    `unmarked`: a REJOIN of this node started it fresh and no `mark` followed (a durable note, kept when the
+    REJOIN closes). The REJOIN's `add` can land after the action closed failed: killed at its timeout, its
+    effect in doubt (simulator seed 3492). The node is then a member holding the cluster's state, copied by the
+    join, and without its marker, which would read as a replaced volume (STATE_LOST) and license an EVICT of a
+    node that holds the state. It adopts the membership, as `mark` would have: only with no REJOIN of its own
+    unfinished (`mark` does it then), and only when its own minkms and the anchor's membership both list this
+    host under the same id in a cluster of two or more: a fresh node joins one only through `add`."""
+    if not unmarked or own_rejoin_pending or local is None or len(local.members) < 2:
+        return None
+    mine = [nid for nid, host in local.members if host == my_host]
+    if mine != [local.node_id] or reference.get(local.node_id) != my_host:
+        return None
+    if sorted(nid for nid, host in reference.items() if host == my_host) != [local.node_id]:
+        return None
+    return local.node_id
+
+
+def close_unconfirmed(
+    action_id: str | None,
+    me: str,
+    agents: Sequence[str],
+    reports: Iterable[Report],
+    confirmed: Container[str] = (),
+) -> tuple[str, ...]:
+    """The agents to share the close of `action_id` with before the anchor proposes anything new (empty: none).
+
+    A close counts once a quorum of agents recorded it (its history entry, or a superseded drop): a later
+    resume gathers its acks from a quorum too, and one agent in both refuses it (guard rule `finished`), so a
+    counted close is never run again. A close recorded by fewer (the anchor closed while cut off, then died:
+    simulator seed 471) may still be resumed and its steps run again, idempotently and under the fences; the
+    anchor waits until its newest close counts, sharing it meanwhile. `confirmed`: agents that answered the
+    share; `reports`: fresh ones, whose finished ids say the same."""
+    if action_id is None:
+        return ()
+    recorded = {me} | {r.sender for r in reports if action_id in r.finished}
+    recorded |= {a for a in agents if a in confirmed}
+    if len(recorded & set(agents)) >= quorum(len(agents)):
+        return ()
+    return tuple(a for a in agents if a not in recorded)
+
+
 def dropped_by_target(action: Action | None, me: str, own_class: NodeClass | None) -> str | None:
     """Why the anchor drops the unfinished EVICT of its own node (None: it does not).
 
@@ -127,8 +180,9 @@ def finished_ids(history: Sequence[str], superseded: Sequence[str]) -> tuple[str
     as superseded. A holder that only acked has no certificate for a history entry, so it keeps their ids
     apart; without them an anchor could later resume the dropped action from a lagging report, and a resume
     skips the rules that licensed its start (found by the simulator: an old REJOIN re-certified after the
-    restore)."""
-    return tuple(dict.fromkeys([*history, *superseded]))[-RECENT_FINISHED:]
+    restore). At most RECENT_FINISHED of each, so that drops never crowd out the newest close, whose count
+    `close_unconfirmed` reads here."""
+    return tuple(dict.fromkeys([*history[-RECENT_FINISHED:], *superseded[-RECENT_FINISHED:]]))
 
 
 def unfinished_action(

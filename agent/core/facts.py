@@ -66,6 +66,8 @@ class ClusterFacts:
     unfinished: Action | None  # an action not yet finished anywhere we know of
     removed: tuple[str, ...]  # configured member hosts missing from the anchor's membership
     history: tuple[HistoryEntry, ...]  # recent actions, any order
+    # ids this agent recorded finished (its history, its superseded drops): guard rule `finished` refuses them
+    finished: frozenset[str] = frozenset()
     escalated: frozenset[str]  # nodes automation has stopped for, until `kmagent ack`
     acked: tuple[
         tuple[str, float], ...

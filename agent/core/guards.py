@@ -162,6 +162,14 @@ def _paused(action: Action, facts: ClusterFacts) -> str | None:
     return None
 
 
+def _finished(action: Action, facts: ClusterFacts) -> str | None:
+    """A resume too: an agent never acks an action it recorded finished. A close counts once a quorum recorded
+    it, so a later resume, which needs a quorum's acks, always meets one refusal (`execution.close_unconfirmed`)."""
+    if action.id in facts.finished:
+        return f"{action.id} is recorded finished here: a closed action never runs again"
+    return None
+
+
 def _kind(action: Action, facts: ClusterFacts) -> str | None:
     if action.kind not in ACTION_KINDS:
         return f"unknown action kind {action.kind!r} (known: {', '.join(ACTION_KINDS)})"
@@ -367,6 +375,7 @@ def _budget(action: Action, facts: ClusterFacts) -> str | None:
 RULES: tuple[tuple[str, Predicate, bool], ...] = (
     ("paused", _paused, True),
     ("kind", _kind, True),
+    ("finished", _finished, True),
     ("restore", _restore, False),
     ("target", _target_rule, True),
     ("no-anchor", _no_anchor, True),

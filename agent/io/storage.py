@@ -293,6 +293,58 @@ def mount_required(record: Path | None, explicit: bool | None) -> bool:
     return recorded is not None and recorded.volume is not None and recorded.volume.mount_point
 
 
+UNMARKED_NAME = "unmarked.json"
+"""In the agent's state dir: a REJOIN started this node fresh and no marker was written since (`note_unmarked`)."""
+UNMARKED_FORMAT = 1
+
+
+def note_unmarked(state_dir: Path, action_id: str, now: float) -> Path:
+    """Record, durably and before minkms starts fresh, that this node is about to run without its marker.
+
+    Kept when the REJOIN closes without `mark` (its `add` killed in doubt may land later): until the marker is
+    written (`mark`, or `execution.adoptable`), a missing marker on a joined node is expected, not a replaced
+    volume. ValueError on a bad action id."""
+    if not isinstance(action_id, str) or not _ACTION_ID_RE.fullmatch(action_id):
+        raise ValueError(f"action id {action_id!r} must match [A-Za-z0-9._-]{{1,64}}")
+    path = Path(state_dir) / UNMARKED_NAME
+    data = {"format": UNMARKED_FORMAT, "action_id": action_id, "written": now}
+    atomic_write(path, (json.dumps(data, sort_keys=True) + "\n").encode(), mode=0o600)
+    return path
+
+
+def read_unmarked(state_dir: Path) -> str | None:
+    """The action id of the note, None without one. A note that cannot be read or trusted counts as present
+    ("unreadable"): it only ever keeps a joined node from being called STATE_LOST (when in doubt, do not wipe)."""
+    path = Path(state_dir) / UNMARKED_NAME
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.error("cannot read %s: %s; taken as present", path, exc)
+        return "unreadable"
+    try:
+        data = json.loads(raw)
+        action_id = data["action_id"] if data.get("format") == UNMARKED_FORMAT else None
+    except (ValueError, TypeError, AttributeError, KeyError, RecursionError):
+        action_id = None
+    if not isinstance(action_id, str) or not _ACTION_ID_RE.fullmatch(action_id):
+        log.error("%s is damaged; taken as present", path)
+        return "unreadable"
+    return action_id
+
+
+def clear_unmarked(state_dir: Path) -> bool:
+    """Drop the note once the marker is written (idempotent, durable); True if there was one."""
+    path = Path(state_dir) / UNMARKED_NAME
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    fsync_dir(path.parent)
+    return True
+
+
 # ------------------------------------------------------------------------------------------ volume identity
 
 

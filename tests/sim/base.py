@@ -31,6 +31,7 @@ BROKEN_RULES = (
     "remove-by-current-id",  # the anchor's remove takes the host's id when it is sent, not the certified one
     "no-lease-check",  # no fence before a destructive command leaves, nor while it runs (the step's own check only)
     "no-stall-age",  # observations without an age: a hung probe keeps reporting its last reading, never STALLED
+    "no-adoption",  # no unmarked note: a REJOIN's late add leaves a member without a marker (STATE_LOST)
 )
 """Deliberately broken variants, for tests that prove the checker catches each kind of violation."""
 

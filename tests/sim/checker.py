@@ -57,6 +57,9 @@ class Checker:
         self.certs: dict[str, Certificate] = {}
         self.proposer: dict[str, str] = {}  # action id -> the anchor that first certified it
         self.done: set[str] = set()  # recorded finished (done, failed or aborted) on some agent's disk
+        # action id -> agents whose history records it: a close counts (is committed) once a quorum does
+        self.recorded: dict[str, set[str]] = {}
+        self.dropped: set[str] = set()  # dropped for a total loss or by its target: over at once
         self.steps: dict[str, list[int]] = {}  # action id -> indices of the steps run (begun), in order
         self.completed: dict[str, set[int]] = {}  # action id -> indices of the steps journaled done
         self.started: dict[
@@ -227,8 +230,8 @@ class Checker:
             )
         if step.runs_on == "target" and action.target != agent.name:
             self.fail(f"rule 1: {agent.name} ran {step.name} of {action.id}, which names {action.target}")
-        if action.id in self.done:
-            self.fail(f"{agent.name} ran {step.name} of {action.id} after it was recorded finished")
+        if self.committed(action.id):
+            self.fail(f"{agent.name} ran {step.name} of {action.id} after its close counted")
         names = [s.name for s in playbooks.steps(action.kind)]
         i = names.index(step.name)
         ran = self.steps.setdefault(action.id, [])
@@ -368,6 +371,7 @@ class Checker:
         if action.id not in self.done and not before_restore:
             self._lost_for_long(f"{agent.name} superseded {action.id}")
         self.done.add(action.id)
+        self.dropped.add(action.id)
 
     def dropped_by_target(self, agent: SimAgent, action: Action) -> None:
         """The anchor dropped an unfinished EVICT of its own node (`execution.dropped_by_target`): only while, in
@@ -380,6 +384,7 @@ class Checker:
         if agent.name not in world.members or not world.holds_state(agent.name):
             self.fail(f"{agent.name} dropped {action.id} although its node was removed or lost its state")
         self.done.add(action.id)
+        self.dropped.add(action.id)
 
     def _no_state_held(self, what: str, target: str, accepted: tuple[str, ...]) -> None:
         world = self.sim.world
@@ -413,6 +418,14 @@ class Checker:
 
     def finished(self, agent: SimAgent, action_id: str) -> None:
         self.done.add(action_id)
+        self.recorded.setdefault(action_id, set()).add(agent.name)
+
+    def committed(self, action_id: str) -> bool:
+        """No step of an action runs again once its close counts: recorded by a quorum of agents (a resume needs
+        a quorum's acks, and one of them refuses it: guard rule `finished`), or dropped. A close fewer recorded
+        (an anchor cut off, then dead: seed 471) may be resumed, its steps idempotent and fenced."""
+        recorded = len(self.recorded.get(action_id, ()))
+        return action_id in self.dropped or recorded >= quorum(self.sim.cfg.agents)
 
     def histories_complete(self) -> None:
         """Rule 8: every finished action that changed something is in some agent's history with its certificate."""

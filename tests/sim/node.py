@@ -52,7 +52,7 @@ from agent.core.messages import (
     VoteReply,
     VoteRequest,
 )
-from agent.core.model import NodeClass
+from agent.core.model import NodeClass, NodeStatus
 from agent.core.view import (
     Member,
     NodeView,
@@ -110,6 +110,13 @@ class Share:
     entry: HEntry
 
 
+@dataclass(frozen=True)
+class Recorded:
+    """A peer's answer to a Share: it recorded the close, which counts toward its quorum."""
+
+    action_id: str
+
+
 @dataclass
 class Copy:
     """A backup file in the agent's backup directory: `intact` is false once its bytes rotted (the catalogue
@@ -139,6 +146,7 @@ class Disk:
     backups: dict[str, Copy] = field(default_factory=dict)  # backup id -> copy (on the host's disk)
     approval: RestoreApproval | None = None  # the newest operator restore approval known (persisted)
     superseded: list[str] = field(default_factory=list)  # actions dropped for a total loss (the newest ids)
+    unmarked: bool = False  # agent/io/storage.py's note_unmarked: a REJOIN started it fresh, no marker since
 
 
 @dataclass(frozen=True)
@@ -234,6 +242,8 @@ class SimAgent:
         self.probe_started: float | None = None  # agent clock: when the storage probe that hangs began
         self.stepping = False  # a step awaits a journal write or a command (the daemon's busy flag and lock)
         self.write_since: float | None = None  # real time the oldest durable write still outstanding began
+        self.confirmed: dict[str, set[str]] = {}  # action id -> peers that answered its Share
+        self.unconfirmed_noted: str | None = None
 
     def clock(self, t: float) -> float:
         return self.offset + self.rate * t
@@ -370,10 +380,33 @@ class SimAgent:
         else:
             self.probe_started = None
             pending = [(j.action, tuple(j.done)) for j in self.disk.journal.values() if j.outcome is None]
-            verdict = world.own_verdict(self.name, reference, execution.awaiting_mark(self.name, pending))
+            unmarked = (
+                self.disk.unmarked and cfg.broken != "no-adoption"
+            )  # TEST ONLY: the agent before the note
+            awaiting = execution.awaiting_mark(self.name, pending) or unmarked
+            verdict = world.own_verdict(self.name, reference, awaiting)
             self.read_at = self.sim.t
+            if verdict.cls is NodeClass.HEALTHY and unmarked:
+                self.adopt_marker(reference, [a for a, _ in pending])
         self.obs = Obs(now, verdict, world.local_members(self.name), world.members.get(self.name))
         self.own_tracked = track(self.own_tracked, verdict, now, seen=now)
+
+    def adopt_marker(self, reference: dict[int, str] | None, pending: list[Action]) -> None:
+        """agent/actions.py's adopt_marker: a REJOIN's late `add` made this node a member after the REJOIN closed
+        without `mark` (seed 3492); it writes its marker outside any action (`execution.adoptable`)."""
+        world = self.sim.world
+        if self.stepping or not world.nodes[self.name].live:
+            return
+        host, local = world.nodes[self.name].host, world.local_members(self.name)
+        own_id = dict((h, i) for i, h in local).get(host)
+        status = None if own_id is None else NodeStatus(own_id, host, members=local)
+        rejoin = any(a.kind == "REJOIN" and a.target == self.name for a in pending)
+        if execution.adoptable(host, True, rejoin, status, reference or {}) is None:
+            return
+        world.mark(self.name)
+        self.disk.unmarked = False
+        self.sim.stats["markers_adopted"] += 1
+        self.sim.note(f"{self.name} adopts its membership as node {own_id}: writes its marker")
 
     def stale(self) -> float:
         """agent/coordination.py's `stale_after`: how old an observation may be before it is STALLED."""
@@ -453,6 +486,7 @@ class SimAgent:
             history=tuple(
                 cf.HistoryEntry(e.action.target, e.action.kind, e.started_wall, e.outcome) for e in d.history
             ),
+            finished=frozenset(self.finished()),
             escalated=frozenset(d.escalated),
             acked=tuple(sorted(d.acks.items())),
             paused_until=d.paused_until if wall < d.paused_until else 0.0,
@@ -639,7 +673,10 @@ class SimAgent:
         elif isinstance(msg, StepAnswer):
             self.on_step_answer(msg, now)
         elif isinstance(msg, Share):
-            self.on_share(msg.entry)
+            if self.on_share(msg.entry):
+                self.send_to(src, Recorded(msg.entry.action.id))
+        elif isinstance(msg, Recorded):
+            self.confirmed.setdefault(msg.action_id, set()).add(src)
 
     def keep_copy(self, info: BackupInfo, intact: bool) -> None:
         """A pushed copy, checked on arrival (a damaged transfer is not kept), then retention."""
@@ -701,6 +738,9 @@ class SimAgent:
         )
         if mine is not None and remaining is not None:
             self.close_own(mine.cert, remaining)
+            return
+        if facts.unfinished is None and self.close_unconfirmed(now):
+            self.drive = None
             return
         decision = planner.decide(facts)
         for node in decision.escalate:
@@ -969,15 +1009,43 @@ class SimAgent:
         self.sim.checker.finished(self, j.action.id)
         return entry
 
-    def on_share(self, entry: HEntry) -> None:
+    def on_share(self, entry: HEntry) -> bool:
+        """agent/actions.py's on_history; True: recorded (the answer counts toward the close's quorum)."""
         problems = certificate_problems(
             entry.cert, CLUSTER, self.sim.cfg.names, quorum(self.sim.cfg.agents), sim_verify
         )
         if problems or entry.cert.action != entry.action:
-            return
+            return False
         if all(e.action.id != entry.action.id for e in self.disk.history):
             self.disk.history.append(entry)
+            self.sim.checker.finished(self, entry.action.id)
         self.on_peer_finished((entry.action.id,))
+        return True
+
+    def close_unconfirmed(self, now: float) -> bool:
+        """agent/actions.py's _close_unconfirmed: share the newest close again while fewer than a quorum recorded
+        it; True: nothing new is proposed meanwhile."""
+        if not self.disk.history:
+            return False
+        entry = self.disk.history[-1]
+        missing = execution.close_unconfirmed(
+            entry.action.id,
+            self.name,
+            self.sim.cfg.names,
+            self.fresh_reports(now),
+            self.confirmed.get(entry.action.id, set()),
+        )
+        if not missing:
+            return False
+        if self.unconfirmed_noted != entry.action.id:
+            self.unconfirmed_noted = entry.action.id
+            self.sim.stats["unconfirmed_closes"] += 1
+            self.sim.note(
+                f"{self.name} waits for a quorum to record {entry.action.id}: shares it with {missing}"
+            )
+        for name in missing:
+            self.send_to(name, Share(entry))
+        return True
 
     def on_peer_finished(self, finished: tuple[str, ...]) -> None:
         """agent/actions.py's on_peer_finished: release the held ack, close our journal of those actions (a
@@ -1053,8 +1121,8 @@ class SimAgent:
         run: dict[str, Callable[[], str | Send]] = {
             "fence": lambda: world.fence(me),
             "quarantine": lambda: world.quarantine(me, self.sim.t),
-            "start": lambda: world.start(me, restoring),
-            "mark": lambda: world.mark(me),
+            "start": lambda: self.start_fresh(action),
+            "mark": lambda: self.mark(),
             "fetch": lambda: self.fetch(self.backup_of(action)),
             "restore": lambda: self.restore(self.backup_of(action)),
             "verify": lambda: self.verify_restored(self.backup_of(action)),
@@ -1062,6 +1130,16 @@ class SimAgent:
         if step not in run or (step in ("fetch", "restore", "verify") and not restoring):
             raise StepError(f"{step} is not a step of the target")
         return run[step]()
+
+    def start_fresh(self, action: Action) -> str:
+        if action.kind == "REJOIN":  # before minkms starts fresh, as agent/actions.py writes its note
+            self.disk.unmarked = True
+        return self.sim.world.start(self.name, action.kind == "RESTORE")
+
+    def mark(self) -> str:
+        done = self.sim.world.mark(self.name)
+        self.disk.unmarked = False
+        return done
 
     # -- RESTORE on the target (agent/actions.py's _backup_of, _fetch, _restore and RESTORE's verify) ----------
 

@@ -79,6 +79,8 @@ STATS = (
     "aborted",
     "adoptions",
     "self_closed",
+    "unconfirmed_closes",
+    "markers_adopted",
     "superseded",
     "escalations",
     "rejoins",
@@ -87,6 +89,7 @@ STATS = (
     "total_losses",
     "approvals",
     "restores",
+    "stranded",
     "freezes",
     "disk_stalls",
     "probe_hangs",
@@ -688,6 +691,7 @@ class Simulation:
         self.stats["rejoins"] = sum(1 for c in self.checker.certs.values() if c.action.kind == "REJOIN")
         self.stats["evicts"] = sum(1 for c in self.checker.certs.values() if c.action.kind == "EVICT")
         self.stats["restores"] = self.checker.restores
+        self.stats["stranded"] = int(self.stranded())
         return Result(cfg, violation, events, self.trace, anchor_at, healed_at, self.stats)
 
 

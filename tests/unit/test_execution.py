@@ -12,7 +12,7 @@ from agent.core import execution, restore
 from agent.core.classify import Verdict
 from agent.core.facts import ClusterFacts, NodeFacts
 from agent.core.messages import Action, Report, RestoreApproval, StepReply
-from agent.core.model import NodeClass
+from agent.core.model import NodeClass, NodeStatus
 from agent.core.view import NodeView
 from tests.unit.test_guards import WALL, facts, node
 
@@ -124,6 +124,40 @@ def test_a_rejoin_target_awaits_its_mark_between_start_and_mark() -> None:
     restore_ = Action("restore-a1-1-3", "RESTORE", "a1")
     assert not execution.awaiting_mark("a1", [(restore_, ("fence", "fetch", "quarantine", "start"))])
     assert not execution.awaiting_mark("a1", [])
+
+
+def _status(node_id: int, *members: tuple[int, str]) -> NodeStatus:
+    return NodeStatus(node_id, "h1", members=members)
+
+
+def test_a_node_adopts_a_membership_its_rejoin_left_unmarked_only_when_both_views_agree() -> None:
+    """Seed 3492: the add of a REJOIN closed failed lands late; the node is a member without its marker."""
+    three = ((1, "h0"), (4, "h1"), (2, "h2"))
+    reference = dict(three)
+    assert execution.adoptable("h1", True, False, _status(4, *three), reference) == 4
+    assert execution.adoptable("h1", False, False, _status(4, *three), reference) is None  # no note: no start
+    assert execution.adoptable("h1", True, True, _status(4, *three), reference) is None  # its REJOIN marks it
+    assert execution.adoptable("h1", True, False, None, reference) is None  # its minkms does not answer
+    alone = _status(4, (4, "h1"))  # a fresh one-node cluster of its own: never joined through `add`
+    assert execution.adoptable("h1", True, False, alone, {4: "h1"}) is None
+    assert execution.adoptable("h1", True, False, _status(4, *three), {1: "h0", 2: "h2"}) is None  # not in it
+    assert execution.adoptable("h1", True, False, _status(4, *three), {1: "h0", 3: "h1"}) is None  # other id
+    twice = {**reference, 5: "h1"}  # the host under two ids: which one is its own is not clear
+    assert execution.adoptable("h1", True, False, _status(4, *three), twice) is None
+    assert execution.adoptable("h1", True, False, _status(4, (1, "h0"), (2, "h2")), reference) is None
+
+
+def test_a_close_counts_once_a_quorum_recorded_it() -> None:
+    """Seed 471: an anchor closes on the minority side of a partition; it shares again until a quorum has it."""
+    agents = ("a0", "a1", "a2", "a3", "a4")
+    alone = execution.close_unconfirmed(EVICT.id, "a0", agents, [])
+    assert alone == ("a1", "a2", "a3", "a4")
+    one = [_report("a1", finished=(EVICT.id,)), _report("a2", finished=("other",))]
+    assert execution.close_unconfirmed(EVICT.id, "a0", agents, one) == ("a2", "a3", "a4")
+    assert execution.close_unconfirmed(EVICT.id, "a0", agents, one, confirmed={"a3"}) == ()  # a0, a1, a3
+    assert execution.close_unconfirmed(EVICT.id, "a0", agents, [], confirmed={"a9"}) == alone  # not an agent
+    assert execution.close_unconfirmed(None, "a0", agents, []) == ()  # nothing closed yet
+    assert execution.close_unconfirmed(EVICT.id, "a0", ("a0",), []) == ()  # alone, it is the quorum
 
 
 def test_the_anchor_drops_an_evict_of_itself_while_it_serves() -> None:
@@ -247,7 +281,10 @@ def test_reports_carry_the_superseded_ids_beside_the_history() -> None:
     assert execution.finished_ids(["x", "y"], ["y", "z"]) == ("x", "y", "z")
     many = [f"h{i}" for i in range(20)]
     ids = execution.finished_ids(many, ["s"])
-    assert len(ids) == execution.RECENT_FINISHED and ids[-1] == "s"
+    assert ids == (*many[-execution.RECENT_FINISHED :], "s")
+    drops = [f"s{i}" for i in range(40)]
+    ids = execution.finished_ids(many, drops)  # a long run of drops never crowds out the newest close
+    assert "h19" in ids and "s39" in ids and len(ids) == 2 * execution.RECENT_FINISHED
 
 
 def _views(f: ClusterFacts) -> tuple[NodeView, ...]:

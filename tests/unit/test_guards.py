@@ -182,6 +182,7 @@ DOWN_D = node("d", NodeClass.EVICTED)  # d out of the membership
 SINGLE_RULE_CASES = [
     ("paused", *_rejoin_c(paused_until=WALL + 60)),
     ("kind", Action("x", "DELETE", "c"), facts(*FOUR)),
+    ("finished", *_rejoin_c(finished=frozenset({"rejoin-c"}))),
     ("restore", Action("x", "RESTORE", "c", (("backup", "b1"),)), facts(*FOUR)),
     ("target", Action("x", "REJOIN", "zz"), facts(*FOUR)),
     ("target", Action("x", "REJOIN", "w"), facts(*FOUR, node("w", None))),
@@ -398,11 +399,15 @@ def test_resume_is_not_held_to_what_licensed_the_start() -> None:
     assert [name for name, _ in evaluate(unfinished, mid)] == [
         "paused",
         "kind",
+        "finished",
         "target",
         "no-anchor",
         "not-the-anchor",
         "anchor-serves",
     ]
+    # ...except where the agent recorded it finished (its close reached this agent, a quorum's share of it):
+    closed = dataclasses.replace(mid, finished=frozenset({unfinished.id}))
+    assert rules(unfinished, closed) == ["finished"]
     # ...but a different action in the same state is checked by every rule, and one-at-a-time stops it.
     other = act("REJOIN", "c", mid, "rejoin-c-8-2")
     assert "one-at-a-time" in rules(other, mid)

@@ -293,6 +293,7 @@ def test_explain_for_the_unfinished_action_and_for_nothing() -> None:
     assert [r.rule for r in e.rules] == [
         "paused",
         "kind",
+        "finished",
         "target",
         "no-anchor",
         "not-the-anchor",

@@ -1160,3 +1160,31 @@ def test_real_new_volume_over_a_marked_directory_is_missing(
     assert "is on another filesystem than when marked" in (obs.error or "") and "now on tmpfs" in (
         obs.error or ""
     )
+
+
+# ------------------------------------------------------------------------------------------ the unmarked note
+
+
+def test_the_unmarked_note_round_trips_and_is_private(tmp_path: Path) -> None:
+    assert st.read_unmarked(tmp_path) is None
+    path = st.note_unmarked(tmp_path, "rejoin-node2-3-1", NOW)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert st.read_unmarked(tmp_path) == "rejoin-node2-3-1"
+    assert st.clear_unmarked(tmp_path) and st.read_unmarked(tmp_path) is None
+    assert not st.clear_unmarked(tmp_path)  # idempotent
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["", "{", "[]", '{"format": 2, "action_id": "x"}', '{"format": 1, "action_id": "../x"}', "null"],
+)
+def test_a_damaged_unmarked_note_counts_as_present(tmp_path: Path, content: str) -> None:
+    """It only ever keeps a joined node from being called STATE_LOST: in doubt, it is there."""
+    (tmp_path / st.UNMARKED_NAME).write_text(content)
+    assert st.read_unmarked(tmp_path) == "unreadable"
+
+
+def test_an_unmarked_note_needs_a_valid_action_id(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="action id"):
+        st.note_unmarked(tmp_path, "../../etc", NOW)
+    assert not (tmp_path / st.UNMARKED_NAME).exists()
