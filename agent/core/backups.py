@@ -9,8 +9,8 @@ a copy of it.
 
 from __future__ import annotations
 
+import datetime
 import re
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -69,8 +69,12 @@ def check_id(backup: str) -> str:
 
 
 def backup_id(created: float, source: str) -> str:
-    """The id of a backup `source` finished at wall time `created`."""
-    return check_id(time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(created)) + "-" + source)
+    """The id of a backup `source` finished at wall time `created` (ValueError for a time no calendar holds)."""
+    try:
+        stamp = datetime.datetime.fromtimestamp(created, datetime.UTC)
+    except (OverflowError, OSError) as exc:
+        raise ValueError(f"{created!r} is not a backup time: {exc}") from None
+    return check_id(stamp.strftime("%Y%m%dT%H%M%SZ") + "-" + source)
 
 
 def newest_first(entries: Iterable[BackupInfo]) -> list[BackupInfo]:

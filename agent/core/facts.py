@@ -14,11 +14,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from agent.config import Policy, Timings
 from agent.core.backups import BackupInfo
 from agent.core.classify import Tracked, Verdict, held_for
 from agent.core.election import quorum
 from agent.core.messages import Action, RestoreApproval
+from agent.core.settings import Policy, Timings
 from agent.core.view import NodeView
 
 __all__ = ["ClusterFacts", "HistoryEntry", "NodeFacts", "node_facts"]

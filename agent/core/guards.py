@@ -20,12 +20,12 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from agent.config import Timings
 from agent.core import restore
 from agent.core.classify import human_duration
 from agent.core.facts import ClusterFacts, NodeFacts
 from agent.core.messages import ACTION_KINDS, Action
 from agent.core.model import NodeClass
+from agent.core.settings import Timings
 
 __all__ = [
     "HOUR",

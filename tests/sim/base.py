@@ -10,10 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.config import Timings
 from agent.core.backups import BackupInfo
 from agent.core.election import Election, ElectionTimings
 from agent.core.messages import Ack, Certificate, StepReply, VoteRequest
+from agent.core.settings import Timings
 
 CLUSTER = "sim"
 BROKEN_RULES = (

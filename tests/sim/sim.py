@@ -44,11 +44,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from agent.config import Policy
 from agent.core import backups, guards, restore
 from agent.core.facts import ClusterFacts
 from agent.core.messages import RestoreApproval
 from agent.core.model import NodeClass
+from agent.core.settings import Policy
 from tests.sim.base import (
     BROKEN_RULES,
     GUARDS_REMOVED,

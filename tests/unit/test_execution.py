@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 
-from agent.config import Timings
 from agent.core import execution, restore
 from agent.core.classify import Verdict
 from agent.core.facts import ClusterFacts, NodeFacts
 from agent.core.messages import Action, Report, RestoreApproval, StepReply
 from agent.core.model import NodeClass, NodeStatus
+from agent.core.settings import Timings
 from agent.core.view import NodeView
 from tests.unit.test_guards import WALL, facts, node
 

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from agent.config import Policy, Timings
 from agent.core.classify import Verdict
 from agent.core.facts import ClusterFacts, HistoryEntry, NodeFacts
 from agent.core.guards import (
@@ -24,6 +23,7 @@ from agent.core.guards import (
 )
 from agent.core.messages import Action
 from agent.core.model import NodeClass
+from agent.core.settings import Policy, Timings
 
 WALL = 1_700_000_000.0
 LONG = 10_000.0  # held far past every threshold

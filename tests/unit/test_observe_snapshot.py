@@ -13,7 +13,7 @@ from typing import Any, cast
 import pytest
 
 from agent import daemon
-from agent.config import Config, Timings
+from agent.config import Config
 from agent.core.model import (
     HealthObs,
     MarkerState,
@@ -24,6 +24,7 @@ from agent.core.model import (
     ServiceState,
     StorageObs,
 )
+from agent.core.settings import Timings
 from agent.core.view import stale_after
 
 ME = "10.0.0.3:7373"

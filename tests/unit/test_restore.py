@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 
-from agent.config import Policy
 from agent.core import planner, restore
 from agent.core.backups import BackupInfo
 from agent.core.guards import check
 from agent.core.messages import Action, RestoreApproval
 from agent.core.model import NodeClass
+from agent.core.settings import Policy
 from tests.unit.test_guards import WALL, ago, facts, node
 
 LOST = NodeClass.STATE_LOST
