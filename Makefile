@@ -5,11 +5,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: dev test test-debian test-packaging deb rpm demo lint fmt bench clean help
+.PHONY: dev check test test-debian test-packaging deb rpm demo lint fmt bench clean help
 
 help:
 	@echo "make dev    create .venv with kmagent, the emulator and the test tools"
-	@echo "make test   run the test suite"
+	@echo "make check  the quick loop (under 3 minutes): lint, unit tests, the simulator's CI seeds"
+	@echo "make test   run the test suite (what CI runs; about 35 minutes)"
 	@echo "make test-debian  the same suite on Debian 12's python3 and python3-* packages (no venv, no pip)"
 	@echo "make deb    build the .deb into dist/ (installs the build dependencies with apt)"
 	@echo "make rpm    build the .rpm into dist/ (installs rpm with apt)"
@@ -28,6 +29,10 @@ dev: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest
+
+# Before every commit: no cluster, no network, no root needed.
+check: lint
+	$(BIN)/pytest -q -p no:cacheprovider tests/unit tests/sim
 
 # Debian's own stack, the compatibility floor; installs the python3-* packages it needs with apt when missing.
 test-debian:
