@@ -23,7 +23,7 @@ from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 # The same rules as the config's names and hosts: a name the config accepts can be issued, and vice versa.
-from agent.config import _HOSTNAME, _NAME
+from agent.config.values import HOSTNAME_RE, NAME_RE
 from agent.io.durable import atomic_write
 
 KeyType = Literal["ec", "rsa", "ed25519"]
@@ -72,7 +72,7 @@ def key_matches(cert: x509.Certificate, key: PrivateKey) -> bool:
 
 def check_name(name: str) -> str:
     """An agent name, by the config's rule; ValueError naming the problem otherwise."""
-    if not _NAME.fullmatch(name):
+    if not NAME_RE.fullmatch(name):
         raise ValueError(f"invalid agent name {name!r}: use 1 to 64 characters from A-Z a-z 0-9 . _ -")
     return name
 
@@ -86,7 +86,7 @@ def parse_addresses(addresses: Iterable[str]) -> tuple[list[str], list[IPAddress
             ip = ipaddress.ip_address(text)
         except ValueError:
             host = text.rstrip(".")
-            if len(text) > 253 or not _HOSTNAME.fullmatch(text) or not host:
+            if len(text) > 253 or not HOSTNAME_RE.fullmatch(text) or not host:
                 raise ValueError(f"address {text!r} is neither an IP address nor a host name") from None
             if host not in dns:
                 dns.append(host)

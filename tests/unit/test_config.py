@@ -1,4 +1,4 @@
-"""Tests of agent/config.py: every malformed config names the key, the line and what is wrong."""
+"""Tests of agent/config/: every malformed config names the key, the line and what is wrong."""
 
 from __future__ import annotations
 
