@@ -141,6 +141,9 @@ class Actions:
     async def on_history(self, peer: str, entry: HistoryEntry) -> StepReply:
         """The anchor shares every finished action, so that `kmagent history` on any host shows it; the
         certificate is verified like any other (a forged entry must not make an audit record)."""
+        if self.history.find(entry.action.id) is not None:  # recorded: say so, whatever the config says now
+            self.on_peer_finished((entry.action.id,))
+            return StepReply(True, "recorded already")
         problems = self.certificate_problems(entry.certificate)
         if problems or entry.certificate.action != entry.action:
             raise web.HTTPForbidden(
@@ -981,6 +984,15 @@ class Actions:
         if not newest:
             return False
         entry = newest[0]
+        if problems := self.certificate_problems(entry.certificate):
+            # the config changed since (agents added, a signer removed, the CA rotated): peers refuse the entry
+            # now, and waiting would stop automation for good; the close stands as recorded
+            if self.unconfirmed_logged != entry.action.id:
+                self.unconfirmed_logged = entry.action.id
+                log.error(
+                    logs.kv(event="close_unconfirmable", action=entry.action.id, why="; ".join(problems))
+                )
+            return False
         timeout = self.cfg.timings.peer_timeout
         reports = [fresh_report(link.state, now, timeout) for link in self.coordinator.links.values()]
         missing = execution.close_unconfirmed(
@@ -1002,8 +1014,12 @@ class Actions:
                     detail="fewer than a quorum recorded it: nothing new is proposed until they do",
                 )
             )
-        await self._share(entry, missing)
+        await self._share(entry, [m for m in missing if not self._is_witness(m)])  # witnesses keep no history
         return True
+
+    def _is_witness(self, name: str) -> bool:
+        spec = self.cfg.agent(name)
+        return spec is not None and spec.is_witness
 
     async def _run_anchor_step(self, action: Action, step_name: str) -> str:
         agent = self.agent()

@@ -21,9 +21,10 @@ from agent import pki
 from agent.actions import HISTORY_PATH, Actions
 from agent.config import StateConfig, TLSConfig, load_config
 from agent.coordination import Coordinator
-from agent.core.messages import Action, Certificate, NodeReport, Report, StepReply
+from agent.core.messages import Action, Certificate, NodeReport, Report, StepReply, ack_payload
 from agent.core.model import MarkerState, NodeStatus
 from agent.io.journal import HistoryEntry
+from agent.io.signing import Signer
 from agent.io.storage import UNMARKED_NAME, note_unmarked, probe_storage, read_marker, read_unmarked
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "packaging" / "kmagent.toml.example"
@@ -66,6 +67,18 @@ def actions(tmp_path: Path, peers: Peers | None = None) -> Actions:
     return Actions(cfg, coordinator, lambda: None)  # type: ignore[arg-type,return-value]
 
 
+def signed(tmp_path: Path, action: Action) -> HistoryEntry:
+    """An entry whose certificate checks out: acks of km2 and km3, from the test CA."""
+    ca = tmp_path / "ca"
+    acks = []
+    for name in ("km2", "km3"):
+        if not (ca / f"{name}.crt").exists():
+            pki.issue(ca, name)
+        signer = Signer.from_files(ca / f"{name}.crt", ca / f"{name}.key", name)
+        acks.append(signer.sign(ack_payload("prod-kms", 4, action)))
+    return dataclasses.replace(entry(action), certificate=Certificate("prod-kms", 4, action, tuple(acks)))
+
+
 def entry(action: Action) -> HistoryEntry:
     return HistoryEntry(
         action, Certificate("prod-kms", 4, action, ()), "km1", "anchor", (), 1.0, 2.0, 1.0, "done", "", ()
@@ -86,7 +99,7 @@ async def test_the_anchor_shares_its_close_again_until_a_quorum_recorded_it(
     peers = Peers()
     a = actions(tmp_path, peers)
     assert not await a._close_unconfirmed(1000.0)  # nothing closed yet: nothing to wait for
-    a.history.append(entry(EVICT))
+    a.history.append(signed(tmp_path, EVICT))
     caplog.set_level(logging.WARNING, logger="agent.actions")
     assert await a._close_unconfirmed(1000.0)  # only km1 has it: km2 and km3 are asked, both refuse
     assert sorted(peers.posts) == [("km2", HISTORY_PATH), ("km3", HISTORY_PATH)]
@@ -103,7 +116,7 @@ async def test_the_anchor_shares_its_close_again_until_a_quorum_recorded_it(
 async def test_a_fresh_report_that_carries_the_id_counts_as_recorded(tmp_path: Path) -> None:
     peers = Peers()
     a = actions(tmp_path, peers)
-    a.history.append(entry(EVICT))
+    a.history.append(signed(tmp_path, EVICT))
     a.coordinator._receive("km2", report("km2", finished=(EVICT.id,)), 1000.0)
     assert not await a._close_unconfirmed(1000.0 + a.cfg.timings.peer_timeout)
     assert peers.posts == []
@@ -182,3 +195,27 @@ async def test_nothing_is_adopted_without_the_note_or_while_a_step_runs(tmp_path
         assert await asyncio.wait_for(a.adopt_marker(data, record, ME, local, dict(MEMBERS)), 5) is None
     assert read_marker(data) is None
     assert await a.adopt_marker(data, record, ME, local, dict(MEMBERS)) == 0
+
+
+async def test_a_close_whose_certificate_no_longer_checks_stops_the_wait(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Agents added since (a larger quorum), a signer removed, the CA rotated: peers refuse the entry for good,
+    so the anchor must not wait for it (review of issue 12): it logs once and goes on."""
+    peers = Peers()
+    a = actions(tmp_path, peers)
+    a.history.append(entry(EVICT))  # a certificate without acks: it never checks out
+    caplog.set_level(logging.ERROR, logger="agent.actions")
+    assert not await a._close_unconfirmed(1000.0)
+    assert peers.posts == []
+    assert any("close_unconfirmable" in r.message for r in caplog.records)
+
+
+async def test_a_share_of_a_close_recorded_here_is_answered_ok_whatever_its_certificate(
+    tmp_path: Path,
+) -> None:
+    """The quorum or the agents changed since: an entry this agent holds still counts as recorded by it."""
+    a = actions(tmp_path)
+    a.history.append(entry(EVICT))
+    reply = await a.on_history("km2", entry(EVICT))
+    assert reply.ok
