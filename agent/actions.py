@@ -122,7 +122,7 @@ class Actions:
         self.closing: asyncio.Task[None] | None = None  # closing actions a peer recorded finished
         # action id -> peers that answered its history share: the close counts once a quorum recorded it
         self.confirmed: dict[str, set[str]] = {}
-        self.unconfirmed_logged: str | None = None  # the close whose wait was logged (once per close)
+        self.unconfirmed_logged: tuple[str, str] | None = None  # (event, close) of the wait last logged
         # the remote anchor (name, certificate term) whose step request runs here now; None: this agent's own
         self.issuer: tuple[str, int] | None = None
         self.max_cert_term = max(
@@ -984,15 +984,6 @@ class Actions:
         if not newest:
             return False
         entry = newest[0]
-        if problems := self.certificate_problems(entry.certificate):
-            # the config changed since (agents added, a signer removed, the CA rotated): peers refuse the entry
-            # now, and waiting would stop automation for good; the close stands as recorded
-            if self.unconfirmed_logged != entry.action.id:
-                self.unconfirmed_logged = entry.action.id
-                log.error(
-                    logs.kv(event="close_unconfirmable", action=entry.action.id, why="; ".join(problems))
-                )
-            return False
         timeout = self.cfg.timings.peer_timeout
         reports = [fresh_report(link.state, now, timeout) for link in self.coordinator.links.values()]
         missing = execution.close_unconfirmed(
@@ -1004,18 +995,28 @@ class Actions:
         )
         if not missing:
             return False
-        if self.unconfirmed_logged != entry.action.id:
-            self.unconfirmed_logged = entry.action.id
-            log.warning(
-                logs.kv(
-                    event="close_unconfirmed",
-                    action=entry.action.id,
-                    sharing_with=",".join(missing),
-                    detail="fewer than a quorum recorded it: nothing new is proposed until they do",
-                )
+        if problems := self.certificate_problems(entry.certificate):
+            # the config changed since (agents added, a signer removed, the CA rotated): peers refuse the entry
+            # now, and waiting would stop automation for good; the close stands as recorded
+            self._log_once(
+                logging.ERROR, "close_unconfirmable", action=entry.action.id, why="; ".join(problems)
             )
+            return False
+        self._log_once(
+            logging.WARNING,
+            "close_unconfirmed",
+            action=entry.action.id,
+            sharing_with=",".join(missing),
+            detail="fewer than a quorum recorded it: nothing new is proposed until they do",
+        )
         await self._share(entry, [m for m in missing if not self._is_witness(m)])  # witnesses keep no history
         return True
+
+    def _log_once(self, level: int, event: str, action: str, **fields: object) -> None:
+        """One line per close and event: the wait repeats every round."""
+        if self.unconfirmed_logged != (event, action):
+            self.unconfirmed_logged = (event, action)
+            log.log(level, logs.kv(event=event, action=action, **fields))
 
     def _is_witness(self, name: str) -> bool:
         spec = self.cfg.agent(name)

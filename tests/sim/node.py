@@ -380,9 +380,8 @@ class SimAgent:
         else:
             self.probe_started = None
             pending = [(j.action, tuple(j.done)) for j in self.disk.journal.values() if j.outcome is None]
-            unmarked = (
-                self.disk.unmarked and cfg.broken != "no-adoption"
-            )  # TEST ONLY: the agent before the note
+            # TEST ONLY (`no-adoption`): the agent before the unmarked note
+            unmarked = self.disk.unmarked and cfg.broken != "no-adoption"
             awaiting = execution.awaiting_mark(self.name, pending) or unmarked
             verdict = world.own_verdict(self.name, reference, awaiting)
             self.read_at = self.sim.t
