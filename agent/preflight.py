@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import Config, StateConfig
+from agent.core.messages import action_id_problem
 from agent.io.durable import fsync_dir, read_json, write_json
 from agent.io.storage import (
-    _ACTION_ID_RE,
     MARKER_NAME,
     Marker,
     StorageError,
@@ -75,8 +75,8 @@ class FreshStart:
         if data.get("format") != FRESH_START_FORMAT:
             raise ValueError(f"{where} is damaged: unsupported format {data.get('format')!r}")
         action_id = data.get("action_id")
-        if not isinstance(action_id, str) or not _ACTION_ID_RE.fullmatch(action_id):
-            raise ValueError(f"{where} is damaged: 'action_id' must match [A-Za-z0-9._-]{{1,64}}")
+        if problem := action_id_problem(action_id):
+            raise ValueError(f"{where} is damaged: {problem}")
         return cls(
             action_id,
             _wall(data.get("until"), f"{where} is damaged: 'until'"),
@@ -280,8 +280,8 @@ def authorise_fresh_start(state_dir: Path, action_id: str, until_wall: float) ->
 
     Called by the executor of REJOIN/RESTORE just before their "start fresh" step; ValueError on bad input.
     """
-    if not isinstance(action_id, str) or not _ACTION_ID_RE.fullmatch(action_id):
-        raise ValueError(f"action id {action_id!r} must match [A-Za-z0-9._-]{{1,64}}")
+    if problem := action_id_problem(action_id):
+        raise ValueError(problem)
     until = _wall(until_wall, "until_wall")
     path = fresh_start_path(state_dir)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)

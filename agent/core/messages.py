@@ -9,11 +9,24 @@ monotonic clock with its own.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from agent.core.backups import BackupInfo
 
 ACTION_KINDS = ("REJOIN", "EVICT", "RESTORE")
+ACTION_ID_MAX = 128
+"""An action id is `<kind>-<agent name>-<term>-<wall ms>`: 7 + 64 + 20 + 15 characters and three dashes at most
+(agent names are up to 64 characters). It names a quarantine directory (`<UTC time>-<id>`, far under 255)."""
+ACTION_ID_RE = re.compile(rf"[A-Za-z0-9._-]{{1,{ACTION_ID_MAX}}}")
+
+
+def action_id_problem(value: object) -> str | None:
+    """Why `value` is no action id, None when it is one: ids name files and directories, so they are checked
+    wherever one is read back."""
+    if isinstance(value, str) and ACTION_ID_RE.fullmatch(value):
+        return None
+    return f"action id {value!r} must be 1 to {ACTION_ID_MAX} characters from A-Z a-z 0-9 . _ -"
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.core.messages import ACTION_ID_RE, action_id_problem
 from agent.core.model import MarkerState, StorageObs
 from agent.io.durable import atomic_write, fsync_dir
 
@@ -43,8 +44,7 @@ QUARANTINE_META = "QUARANTINE.json"
 MARKER_FORMAT = 1
 _MARKER_TMP_PREFIX = f"{MARKER_NAME}.tmp-"
 _PARTIAL = ".kmagent-partial"  # an EXDEV copy in progress inside a quarantine dir; its source still exists
-_ACTION_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_QDIR_RE = re.compile(r"(\d{8}T\d{6}Z)-([A-Za-z0-9._-]{1,64})")
+_QDIR_RE = re.compile(rf"(\d{{8}}T\d{{6}}Z)-({ACTION_ID_RE.pattern})")
 _TIME_FORMAT = "%Y%m%dT%H%M%SZ"
 _MAX_MARKER_BYTES = 64 * 1024
 _MOVE_PASSES = 3
@@ -304,8 +304,8 @@ def note_unmarked(state_dir: Path, action_id: str, now: float) -> Path:
     Kept when the REJOIN closes without `mark` (its `add` killed in doubt may land later): until the marker is
     written (`mark`, or `execution.adoptable`), a missing marker on a joined node is expected, not a replaced
     volume. ValueError on a bad action id."""
-    if not isinstance(action_id, str) or not _ACTION_ID_RE.fullmatch(action_id):
-        raise ValueError(f"action id {action_id!r} must match [A-Za-z0-9._-]{{1,64}}")
+    if problem := action_id_problem(action_id):
+        raise ValueError(problem)
     path = Path(state_dir) / UNMARKED_NAME
     data = {"format": UNMARKED_FORMAT, "action_id": action_id, "written": now}
     atomic_write(path, (json.dumps(data, sort_keys=True) + "\n").encode(), mode=0o600)
@@ -328,7 +328,7 @@ def read_unmarked(state_dir: Path) -> str | None:
         action_id = data["action_id"] if data.get("format") == UNMARKED_FORMAT else None
     except (ValueError, TypeError, AttributeError, KeyError, RecursionError):
         action_id = None
-    if not isinstance(action_id, str) or not _ACTION_ID_RE.fullmatch(action_id):
+    if action_id_problem(action_id):
         log.error("%s is damaged; taken as present", path)
         return "unreadable"
     return action_id
@@ -784,8 +784,8 @@ def quarantine(
     (`mount_required`). With `record`, it also refuses a storage path that is not on the volume the record names
     (`volume_problem`): what is there is not this node's state, and its real state may sit on that volume.
     """
-    if not isinstance(action_id, str) or not _ACTION_ID_RE.fullmatch(action_id):
-        raise StorageError(f"refused: action id {action_id!r} must match [A-Za-z0-9._-]{{1,64}}")
+    if problem := action_id_problem(action_id):
+        raise StorageError(f"refused: {problem}")
     storage, configured, root = Path(storage), Path(configured), Path(root)
     try:
         src = storage.resolve(strict=True)

@@ -510,7 +510,7 @@ def test_authorise_and_revoke(tmp_path: Path) -> None:
     [
         ("", NOW),
         ("a/b", NOW),
-        ("x" * 65, NOW),
+        ("x" * 129, NOW),
         (7, NOW),
         ("ok", float("nan")),
         ("ok", float("inf")),

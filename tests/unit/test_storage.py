@@ -507,7 +507,7 @@ def test_foreign_marker_without_expected_marker_is_moved(paths: tuple[Path, Path
     assert (qdir / MARKER_NAME).exists()
 
 
-@pytest.mark.parametrize("action_id", ["", "a/b", "../x", "x" * 65, "a b", "é", "a\n", "a\x00"])
+@pytest.mark.parametrize("action_id", ["", "a/b", "../x", "x" * 129, "a b", "é", "a\n", "a\x00"])
 def test_refuse_bad_action_id(paths: tuple[Path, Path, Path], action_id: str) -> None:
     storage, _, _ = paths
     populate(storage)
@@ -1188,3 +1188,25 @@ def test_an_unmarked_note_needs_a_valid_action_id(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="action id"):
         st.note_unmarked(tmp_path, "../../etc", NOW)
     assert not (tmp_path / st.UNMARKED_NAME).exists()
+
+
+def test_the_longest_action_id_the_planner_makes_is_accepted_everywhere(
+    paths: tuple[Path, Path, Path], tmp_path: Path
+) -> None:
+    """Agent names are up to 64 characters; an id built from one (and a large term) must pass every check that
+    reads ids back, or a REJOIN would quarantine and remove a node and then fail to start it."""
+    from agent import preflight
+    from agent.core.planner import action_id
+
+    storage, _, root = paths
+    ident = action_id("RESTORE", "n" * 64, 2**63, 4.0e12)
+    populate(storage)
+    qdir = quarantine(storage, storage, root, ident, now=NOW)
+    assert qdir.name.endswith(ident) and st._find_existing(root, ident) == qdir
+    state = tmp_path / "agent-state"
+    state.mkdir()
+    st.note_unmarked(state, ident, NOW)
+    assert st.read_unmarked(state) == ident
+    preflight.authorise_fresh_start(state, ident, time.time() + 60)
+    fresh = preflight.read_fresh_start(state)
+    assert fresh is not None and fresh.action_id == ident
