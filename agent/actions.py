@@ -50,7 +50,15 @@ from agent.io.journal import ActionState, History, HistoryEntry, Journal, Outcom
 from agent.io.minkms import RC_FENCED, CommandResult, Fence
 from agent.io.peers import PeerError
 from agent.io.signing import AckVerifier, Signer
-from agent.io.storage import Marker, clear_unmarked, note_unmarked, quarantine, read_unmarked, write_marker
+from agent.io.storage import (
+    UNMARKED_NAME,
+    Marker,
+    clear_unmarked,
+    note_unmarked,
+    quarantine,
+    read_unmarked,
+    write_marker,
+)
 from agent.preflight import authorise_fresh_start, revoke_fresh_start
 
 if TYPE_CHECKING:
@@ -112,7 +120,13 @@ class Actions:
         self.acks: dict[str, float] = {}
         self.escalated: frozenset[str] = self._load_escalated()
         self.superseded: tuple[str, ...] = self._load_superseded()
+        note = state / UNMARKED_NAME
+        if note.is_symlink() or (
+            note.exists() and not note.is_file()
+        ):  # `start` could neither write nor clear it
+            raise ValueError(f"{note} is the agent's own note and must be a regular file: move it away")
         self.unmarked: str | None = read_unmarked(state)  # a REJOIN started this node fresh; no marker since
+        self.unmarked_stuck = False  # the note could not be removed (logged once)
         self.drive: Drive | None = None
         self.requested: Action | None = (
             None  # an operator's request, on the anchor, until proposed or refused
@@ -228,11 +242,7 @@ class Actions:
         if self.unmarked is None or self.lock.locked():
             return None
         async with self.lock:
-            pending = any(
-                s.action.kind == "REJOIN" and s.action.target == self.cfg.name
-                for s in self.journal.state().unfinished()
-            )
-            me = execution.adoptable(my_host, True, pending, local, reference or {})
+            me = execution.adoptable(my_host, True, self._own_rejoin_pending(), local, reference or {})
             if me is None:
                 return None
             marker = Marker(self.cfg.cluster, my_host, me, time.time())
@@ -247,9 +257,38 @@ class Actions:
         )
         return me
 
+    async def settle_unmarked(self) -> bool:
+        """Drop the note on a node whose marker is in place again with no REJOIN of its own unfinished (a marker
+        written outside `mark`, or a note `mark` could not remove): a stale note would keep a later missing
+        marker from ever reading as a replaced volume. True when no note is left. Never waits for the lock."""
+        if self.unmarked is None:
+            return True
+        if self.lock.locked():
+            return False
+        async with self.lock:
+            if not self._own_rejoin_pending():
+                await self._clear_unmarked()
+        return self.unmarked is None
+
+    def _own_rejoin_pending(self) -> bool:
+        return any(
+            s.action.kind == "REJOIN" and s.action.target == self.cfg.name
+            for s in self.journal.state().unfinished()
+        )
+
     async def _clear_unmarked(self) -> None:
-        await self._io("unmarked note", clear_unmarked, Path(self.cfg.state.dir))
+        """The marker is written: the note has done its job. A note that cannot be removed fails no step; it
+        still counts as present (a missing marker reads as expected, which never licenses a wipe) and
+        `settle_unmarked` tries again each round."""
+        try:
+            await self._io("unmarked note", clear_unmarked, Path(self.cfg.state.dir))
+        except OSError as exc:
+            if not self.unmarked_stuck:
+                log.error(logs.kv(event="unmarked_note_stuck", path=self.cfg.state.dir, error=exc))
+            self.unmarked_stuck = True
+            return
         self.unmarked = None
+        self.unmarked_stuck = False
 
     def finished_ids(self) -> tuple[str, ...]:
         history = [e.action.id for e in self.history.entries(limit=RECENT_FINISHED)]

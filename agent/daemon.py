@@ -232,6 +232,7 @@ class Agent:
         A marker missing on a healthy node is one a REJOIN's late `add` left unwritten (`Actions.adopt_marker`)."""
         if verdict.cls is not NodeClass.HEALTHY:
             return
+        actions = self.coordinator.actions if isinstance(self.coordinator.actions, Actions) else None
         try:
             if obs.storage.marker is MarkerState.ABSENT:
                 me = obs.minkms.node_by_host(self.my_host)
@@ -240,8 +241,10 @@ class Agent:
                     "identity marker", write_marker, self.storage_path, marker, self.marker_record
                 )
                 log.info(logs.kv(event="marker_written", path=self.cfg.local.storage_path))
-            elif obs.storage.marker is MarkerState.MISSING and isinstance(self.coordinator.actions, Actions):
-                await self.coordinator.actions.adopt_marker(
+                if actions is not None:
+                    await actions.settle_unmarked()
+            elif obs.storage.marker is MarkerState.MISSING and actions is not None:
+                await actions.adopt_marker(
                     self.storage_path,
                     self.marker_record,
                     self.my_host,
@@ -253,6 +256,8 @@ class Agent:
                     "identity marker", refresh_identity, self.storage_path, self.marker_record
                 )
                 log.info(logs.kv(event="volume_identity_recorded", path=self.cfg.local.storage_path))
+            if obs.storage.marker is MarkerState.OK and actions is not None:
+                await actions.settle_unmarked()
         except (OSError, StorageError) as exc:
             log.warning(logs.kv(event="marker_failed", error=exc))
 

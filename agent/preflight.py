@@ -75,7 +75,7 @@ class FreshStart:
         if data.get("format") != FRESH_START_FORMAT:
             raise ValueError(f"{where} is damaged: unsupported format {data.get('format')!r}")
         action_id = data.get("action_id")
-        if problem := action_id_problem(action_id):
+        if (problem := action_id_problem(action_id)) or not isinstance(action_id, str):
             raise ValueError(f"{where} is damaged: {problem}")
         return cls(
             action_id,

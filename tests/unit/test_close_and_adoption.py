@@ -219,3 +219,45 @@ async def test_a_share_of_a_close_recorded_here_is_answered_ok_whatever_its_cert
     a.history.append(entry(EVICT))
     reply = await a.on_history("km2", entry(EVICT))
     assert reply.ok
+
+
+async def test_a_note_left_beside_a_marker_is_dropped_once_no_rejoin_of_its_own_runs(tmp_path: Path) -> None:
+    """A marker written outside `mark` (a fresh volume's, or after `mark` failed to drop the note) must not keep
+    the note: it would make a later missing marker read as expected instead of as a replaced volume."""
+    actions(tmp_path)
+    note_unmarked(tmp_path / "state", "rejoin-km1-3-9", 1.0)
+    a = actions(tmp_path)
+    rejoin = Action("rejoin-km1-5-1", "REJOIN", "km1", (("host", ME),))
+    a.journal.begin(rejoin, Certificate("prod-kms", 5, rejoin, ()), "target")
+    assert not await a.settle_unmarked() and a.awaiting_mark()  # its own REJOIN runs: `mark` drops it
+    a.journal.finish(rejoin.id, "failed", "test")
+    async with a.lock:  # a step runs: the round does not wait
+        assert not await asyncio.wait_for(a.settle_unmarked(), 5)
+    assert await a.settle_unmarked() and not a.awaiting_mark()
+    assert read_unmarked(tmp_path / "state") is None
+
+
+async def test_a_note_that_cannot_be_removed_stays_counted_and_is_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    actions(tmp_path)
+    note = tmp_path / "state" / UNMARKED_NAME
+    note_unmarked(tmp_path / "state", "rejoin-km1-3-9", 1.0)
+    a = actions(tmp_path)
+    note.unlink()
+    note.mkdir()  # unlink fails (EISDIR): the agent cannot drop its note
+    caplog.set_level(logging.ERROR, logger="agent.actions")
+    assert not await a.settle_unmarked() and not await a.settle_unmarked()
+    assert a.awaiting_mark()  # in doubt: a missing marker still reads as expected, never as a replaced volume
+    assert sum("unmarked_note_stuck" in r.message for r in caplog.records) == 1  # logged once, not per round
+    note.rmdir()
+    assert await a.settle_unmarked() and not a.awaiting_mark()
+
+
+def test_an_agent_refuses_to_start_over_a_note_that_is_no_file(tmp_path: Path) -> None:
+    actions(tmp_path)
+    (tmp_path / "state" / UNMARKED_NAME).mkdir()
+    with pytest.raises(
+        ValueError, match=r"unmarked\.json is the agent's own note and must be a regular file"
+    ):
+        actions(tmp_path)
